@@ -1,0 +1,1 @@
+"""Thin command modules for `agp`; each exposes `add_parser(subparsers)`."""

@@ -1,0 +1,136 @@
+"""Run directories (`runs/<run_id>/`) and their manifests.
+
+A manifest records everything needed to trust and reproduce a run: git commit, platform,
+BLAS in use, model/tokenizer fingerprints, dataset sha256s, config, metrics and gate
+outcomes per stage, and the exact command. Every update is an atomic rewrite.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from agp import io
+from agp.errors import AGPError
+
+STAGES = ["baseline", "adapter", "controller", "depth", "semantic", "transfer", "joint"]
+MANIFEST = "manifest.json"
+
+
+def runs_root(root: str | os.PathLike | None = None) -> Path:
+    """The directory holding runs (`AGP_RUNS` or ./runs)."""
+    return Path(root or os.environ.get("AGP_RUNS", "runs"))
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout holding this package, '+dirty' when it has changes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def platform_info() -> dict:
+    """Machine facts recorded in every manifest."""
+    import psutil
+
+    from agp import BLAS
+    return {
+        "system": platform.system(), "machine": platform.machine(), "python": platform.python_version(),
+        "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "blas": BLAS,
+    }
+
+
+class Run:
+    """One run directory with its manifest."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not mpath.exists():
+            raise AGPError(f"no run at {self.path} (missing {MANIFEST}); create one with `agp run`")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise AGPError(f"corrupt manifest {mpath}: {e}; delete the run and rerun `agp run`") from e
+
+    @property
+    def id(self) -> str:
+        return self.manifest["run_id"]
+
+    def stage_dir(self, stage: str) -> Path:
+        d = self.path / stage
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def stage(self, stage: str) -> dict:
+        """The manifest section of a stage ({} if it has not run)."""
+        return self.manifest.get("stages", {}).get(stage, {})
+
+    def require(self, stage: str, needed_by: str) -> dict:
+        """The record of a finished stage, or a clear error naming what is missing."""
+        rec = self.stage(stage)
+        if rec.get("status") != "done":
+            raise AGPError(f"run {self.path} has no finished '{stage}' stage, which '{needed_by}' needs; "
+                           f"run `agp run --stage {stage}` first")
+        return rec
+
+    def update_stage(self, stage: str, **fields) -> None:
+        """Merge fields into a stage's manifest record and rewrite the manifest atomically."""
+        self.manifest.setdefault("stages", {}).setdefault(stage, {}).update(fields)
+        self.save()
+
+    def save(self) -> None:
+        io.write_json(self.path / MANIFEST, self.manifest)
+
+
+def new_run(root=None, argv: list[str] | None = None, config: dict | None = None) -> Run:
+    """Create `runs/<run_id>/` with an initial manifest and point `runs/latest` at it."""
+    root = runs_root(root)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_id = f"{stamp}-{uuid.uuid4().hex[:6]}"
+    path = root / run_id
+    path.mkdir(parents=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    manifest = {
+        "run_id": run_id,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "platform": platform_info(),
+        "config": config or {},
+        "reproduce": "agp " + " ".join(shlex.quote(a) for a in argv),
+        "stages": {},
+    }
+    io.write_json(path / MANIFEST, manifest)
+    set_latest(root, path)
+    return Run(path)
+
+
+def set_latest(root: Path, path: Path) -> None:
+    """Atomically repoint `root/latest` at `path`."""
+    link = root / "latest"
+    tmp = root / f".latest.{os.getpid()}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(path.name)
+    os.replace(tmp, link)
+
+
+def latest_run(root=None) -> Run:
+    """The newest run, or a clear error."""
+    link = runs_root(root) / "latest"
+    if not link.exists():
+        raise AGPError(f"no runs under {runs_root(root)}; start one with `agp run`")
+    return Run(link.resolve())
