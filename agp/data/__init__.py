@@ -1,0 +1,1 @@
+"""Source ingestion, filters, the four lanes, and the offline prompt pack."""
