@@ -21,7 +21,7 @@ def add_parser(sub):
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:
-            if e.name == modname:
+            if e.name and modname.startswith(e.name):  # target not built yet
                 continue
             raise
         tp = tsub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None)

@@ -36,7 +36,7 @@ def main(args) -> int:
     argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith("agp") else ["run"]
     if args.run_dir:
         run = runs.Run(args.run_dir)
-    elif args.stage:
+    elif args.stage and (runs.runs_root(args.runs) / "latest").exists():
         run = runs.latest_run(args.runs)
     else:
         run = runs.new_run(args.runs, argv=argv, config={"model": args.model})
