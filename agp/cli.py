@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for user errors, printed as one line)."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = list(argv)  # recorded as the run's reproduction command
     try:
         return int(args.func(args) or 0)
     except AGPError as e:

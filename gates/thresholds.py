@@ -3,3 +3,22 @@
 A threshold here is a claim about a real run: change it only with a new measurement, and
 say which run in the comment.
 """
+
+# --- stage 0: baseline ------------------------------------------------------------------------
+# Segmented forward vs mlx-lm's own forward, fp32. The issue sets 1e-4; measured 0.0 (prefill
+# and decode) on the real 270M and both tiny architectures, because the segmented path runs
+# the same modules in the same order.
+STAGE0_PARITY_MAX_ABS = 1e-4
+# The lens at the last layer IS the final distribution, so KL must be ~0 up to float error
+# (measured ~1e-7); 1e-3 nats leaves room for fp32 reductions over 262144 logits.
+STAGE0_FINAL_LAYER_KL_MAX = 1e-3
+# Sanity of the depth profile (DESIGN.md: mean KL ~10 nats at layer 10, 0.6 at 16): the
+# first layer must be far from the final answer and the penultimate close to it. A lens
+# implementation bug (wrong norm, missing softcap, wrong layer index) breaks one of these.
+STAGE0_FIRST_LAYER_KL_MIN = 3.0
+STAGE0_PENULTIMATE_AGREE_MIN = 0.5
+# Factual recall through the real model (docs/baseline.md): in QA form the greedy answer to
+# "Question: What is the capital of France?\nAnswer:" is " Paris" (measured); the bare
+# "The capital of France is" continues with " the" (measured: " the capital of the country
+# of France"), with " Paris" at rank 3 (p=0.084), so the bare form is gated on top-3 rank.
+STAGE0_PARIS_BARE_MAX_RANK = 3

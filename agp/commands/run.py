@@ -33,7 +33,7 @@ def main(args) -> int:
     stages = train.implemented()
     if args.stage and args.stage not in stages:
         raise AGPError(f"stage '{args.stage}' is not implemented yet; implemented: {', '.join(stages)}")
-    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith("agp") else ["run"]
+    argv = getattr(args, "argv", None) or ["run"]
     if args.run_dir:
         run = runs.Run(args.run_dir)
     elif args.stage and (runs.runs_root(args.runs) / "latest").exists():

@@ -32,6 +32,7 @@ class BaselineArgs(ConfigMixin):
     exit_agree: float = 0.60      # split rule: top-1 agreement for an exit candidate
     exit_kl: float = 1.0          # split rule: mean KL (nats) for an exit candidate
     onset_agree: float = 0.15     # split rule: agreement at which the answer starts to form
+    lens_positions: int = 24      # positions per prompt probed by the lens (the 262144-wide head is the cost)
 
 
 def add_arguments(p):
@@ -52,6 +53,15 @@ def split_layer_map(agree: np.ndarray, kl: np.ndarray, layers: list[int], n_laye
     cands = sorted(set(exits + ([onset] if onset is not None else [])))
     return {"exit_layers": exits, "onset_layer": onset, "candidates": cands,
             "rule": {"exit_agree": args.exit_agree, "exit_kl": args.exit_kl, "onset_agree": args.onset_agree}}
+
+
+def probe_positions(n_tokens: int, k: int) -> list[int]:
+    """k evenly spaced positions (always the last), skipping BOS: a fixed, unbiased subsample
+    keeps the per-layer head passes affordable (each costs vocab x hidden MACs per position)."""
+    first = 1 if n_tokens > 1 else 0
+    if n_tokens - first <= k:
+        return list(range(first, n_tokens))
+    return sorted({int(round(x)) for x in np.linspace(first, n_tokens - 1, k)})
 
 
 def parity(bb, ids: list[int], steps: int = 4) -> dict:
@@ -87,7 +97,8 @@ def run(run, args) -> dict:
     acc = {k: [] for k in ("kl", "agree", "margin")}
     for ids in tqdm(encoded, desc="sufficiency (logit lens)", unit="prompt"):
         logits, hidden = bb.capture(mx.array([ids]), layers)
-        s = lens_stats(bb, hidden, logits, layers)
+        idx = mx.array(probe_positions(len(ids), cfg.lens_positions))
+        s = lens_stats(bb, {l: h[:, idx] for l, h in hidden.items()}, logits[:, idx], layers)
         for k in acc:
             acc[k].append(s[k])
     per_pos = {k: np.concatenate(v, axis=1) for k, v in acc.items()}   # [L, positions]
@@ -112,7 +123,7 @@ def run(run, args) -> dict:
     gflops = measure_gflops()
     metrics = {
         "config": cfg.to_dict(),
-        "model": {"path": str(bb.path), "arch": bb.arch, "fingerprint": bb.fingerprint,
+        "model": {"arg": getattr(args, "model", None), "path": str(bb.path), "arch": bb.arch, "fingerprint": bb.fingerprint,
                   "tokenizer_fingerprint": bb.tokenizer_fingerprint, "n_layers": bb.n_layers,
                   "hidden_size": bb.hidden_size, "vocab_size": bb.vocab_size},
         "dataset": {"prompts": len(pack), "positions": int(per_pos["kl"].shape[1]),
