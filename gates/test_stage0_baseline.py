@@ -76,7 +76,7 @@ def test_manifest_is_reproducible(agp_run, rec):
 def test_real_model_knows_paris(rec):
     """Factual recall through the segmented path of the model the run used."""
     model = rec["metrics"]["model"]
-    bb = load(model["arg"])
+    bb = load(model.get("arg"))
     if bb.vocab_size < 1000:
         pytest.skip("run used a tiny random model; factual recall needs real weights")
     paris = bb.tokenizer.encode(" Paris", add_special_tokens=False)[0]

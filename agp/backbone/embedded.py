@@ -46,9 +46,14 @@ _LAYER_MAP = {
 SPECIAL = {"pad": 0, "eos": 1, "bos": 2, "unk": 3}
 
 
+def target_dir() -> Path:
+    """Where the converted embedded model lives (whether or not it exists yet)."""
+    return cache_root() / "models" / f"{NAME}-v{FORMAT}"
+
+
 def model_dir() -> Path:
     """Path of the converted embedded model (converting it first if needed)."""
-    target = cache_root() / "models" / f"{NAME}-v{FORMAT}"
+    target = target_dir()
     if not is_complete(target):
         if target.exists():
             print(f"agp: cached model at {target} is incomplete or corrupt; rebuilding")
