@@ -55,12 +55,23 @@ class Backbone:
 
     track_parity_max_abs_diff.unit = "logit"
 
-    def track_lens_kl_layer13(self, _):
+class LensKL:
+    """Mean KL(final || logit lens) at the candidate split layers stage 0 chose on the 270M
+    (onset 13, exit 17; runs/<id>/manifest.json -> baseline.split_map)."""
+    params = [13, 17]
+    param_names = ["layer"]
+    timeout = 300
+
+    def setup(self, layer):
+        self.bb = _bb()
+        self.tok = mx.array([self.bb.encode(PROMPT)])
+
+    def track_lens_kl(self, layer):
         from agp.backbone.lens import lens_stats
-        logits, hidden = self.bb.capture(self.tok, [13])
+        logits, hidden = self.bb.capture(self.tok, [layer])
         return float(lens_stats(self.bb, hidden, logits)["kl"].mean())
 
-    track_lens_kl_layer13.unit = "nats"
+    track_lens_kl.unit = "nats"
 
 
 class Load:

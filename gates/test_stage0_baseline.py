@@ -80,8 +80,10 @@ def test_real_model_knows_paris(rec):
     if bb.vocab_size < 1000:
         pytest.skip("run used a tiny random model; factual recall needs real weights")
     paris = bb.tokenizer.encode(" Paris", add_special_tokens=False)[0]
-    qa = bb.forward(mx.array([bb.encode("Question: What is the capital of France?\nAnswer:")]))
-    assert int(mx.argmax(qa[0, -1]).item()) == paris
+    for prompt in ("Question: What is the capital of France?\nAnswer:",
+                   "The capital of Germany is Berlin. The capital of France is"):
+        logits = bb.forward(mx.array([bb.encode(prompt)]))
+        assert int(mx.argmax(logits[0, -1]).item()) == paris, prompt
     bare = bb.forward(mx.array([bb.encode("The capital of France is")]))[0, -1]
     rank = int((bare > bare[paris]).sum().item()) + 1
     assert rank <= T.STAGE0_PARIS_BARE_MAX_RANK

@@ -17,8 +17,9 @@ STAGE0_FINAL_LAYER_KL_MAX = 1e-3
 # implementation bug (wrong norm, missing softcap, wrong layer index) breaks one of these.
 STAGE0_FIRST_LAYER_KL_MIN = 3.0
 STAGE0_PENULTIMATE_AGREE_MIN = 0.5
-# Factual recall through the real model (docs/baseline.md): in QA form the greedy answer to
-# "Question: What is the capital of France?\nAnswer:" is " Paris" (measured); the bare
+# Factual recall through the real model (docs/baseline.md): the greedy answer to
+# "Question: What is the capital of France?\nAnswer:" and to the one-shot "The capital of
+# Germany is Berlin. The capital of France is" is " Paris" (measured); the bare
 # "The capital of France is" continues with " the" (measured: " the capital of the country
 # of France"), with " Paris" at rank 3 (p=0.084), so the bare form is gated on top-3 rank.
 STAGE0_PARIS_BARE_MAX_RANK = 3
