@@ -47,3 +47,15 @@ def test_probe_positions_skip_bos_and_keep_last():
     pos = probe_positions(200, 24)
     assert len(pos) == 24 and pos[0] == 1 and pos[-1] == 199
     assert probe_positions(1, 4) == [0]
+
+
+def test_gate_runs_after_the_stage_and_its_outcome_is_recorded(tiny_model_dir, tmp_path):
+    """A random tiny model cannot pass the stage-0 depth-profile gate: the run must stop (rc 1)
+    and the manifest must say the gate failed, with the command that reproduces it."""
+    rc = main(["run", "--stage", "baseline", "--runs", str(tmp_path), "--model", tiny_model_dir["gemma3_text"],
+               "--baseline-prompts", "1", "--baseline-decode-tokens", "2"])
+    man = json.loads(((tmp_path / "latest").resolve() / "manifest.json").read_text())
+    gate = man["stages"]["baseline"]["gate"]
+    assert gate["outcome"] in ("passed", "failed") and "-m stage0" in gate["command"]
+    assert rc == (0 if gate["outcome"] == "passed" else 1)
+    assert gate["outcome"] == "failed", f"a random model passed the stage-0 gate: {gate['summary']}"
