@@ -173,12 +173,13 @@ class Q8_0(Codec):
         x = np.zeros((n, nb * Q8_BLOCK), np.float32)
         x[:, :d] = rows
         x = x.reshape(n * nb, Q8_BLOCK)
-        amax = np.abs(x).max(axis=1)
-        scale = (amax / 127.0).astype(np.float32)
+        amax = np.abs(x).max(axis=1).astype(np.float64)
+        scale = amax / 127.0
+        # GGML's id = d ? 1/d : 0; in float64 so a subnormal d cannot overflow to inf
         inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
         blocks = np.empty(n * nb, Q8_DTYPE)
         blocks["d"] = scale.astype(np.float16)
-        blocks["qs"] = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int8)
+        blocks["qs"] = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int8)  # |x|*inv <= 127 by construction
         return write_header(CODEC_IDS[self.name], self.version, shape) + blocks.tobytes()
 
     def decode(self, blob) -> np.ndarray:
