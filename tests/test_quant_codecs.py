@@ -87,11 +87,13 @@ def test_codecs_meta_and_registry():
     (write_header(1, 1, (4,)) + b"\x00" * 7, "implies 8"),
     (write_header(2, 1, (40,)) + b"\x00" * 34, "implies 68"),
     (write_header(3, 1, (640,)) + b"\x04", "truncated turboquant"),
+    (write_header(3, 1, (640,)) + b"\x04\x80", "truncated turboquant seed"),
+    (write_header(3, 1, (640,)) + b"\x04\xff\xff\xff\xff\x7f", "32 bits"),
     (write_header(3, 1, (640,)) + b"\x0f\0\0\0\0", "invalid turboquant flags"),
     (write_header(3, 2, (640,)) + b"\x04\0\0\0\0", "version 2"),
     (write_header(3, 1, (1 << 20,)) + b"\x04\0\0\0\0", "outside the supported range"),
-    (write_header(3, 1, (640,)) + b"\x04\0\0\0\0" + b"\0" * 323, "implies 324"),
-    (write_header(3, 1, (640,)) + b"\x04\0\0\0\0" + b"\xff\xff\xff\xff" + b"\0" * 320, "non-finite"),
+    (write_header(3, 1, (640,)) + b"\x04\0" + b"\0" * 323, "implies 324"),
+    (write_header(3, 1, (640,)) + b"\x04\0" + b"\xff\xff\xff\xff" + b"\0" * 320, "non-finite"),
 ])
 def test_bad_blobs_are_rejected_with_reason(blob, reason):
     with pytest.raises(CodecError, match=reason):

@@ -10,8 +10,9 @@ from agp.quant.rotation import Rotation
 from agp.quant.turboquant import TurboQuant, decode_blob, mse_bound
 
 
-@pytest.mark.parametrize("dim,padded", [(640, 640), (1536, 1536), (2048, 2048), (100, 128), (3, 4)])
-@pytest.mark.parametrize("kind", ["hadamard", "dense"])
+@pytest.mark.parametrize("dim,padded,kind", [(640, 640, "hadamard"), (1536, 1536, "hadamard"), (2048, 2048, "hadamard"),
+                                              (100, 128, "hadamard"), (3, 4, "hadamard"),
+                                              (640, 640, "dense"), (100, 100, "dense"), (3, 3, "dense")])
 def test_rotation_is_orthogonal_and_invertible(dim, padded, kind):
     r = Rotation(dim, seed=3, kind=kind)
     assert r.padded_dim == (padded if kind == "hadamard" else dim)

@@ -14,7 +14,7 @@ reconstruction adds sqrt(pi/2)/d * ||r|| * S^T signs, which makes inner-product 
 Blob body after the common header (codec.py), all little-endian:
 
     u8   flags: bits (low 4), bit 4 qjl, bit 5 dense rotation, bit 6 custom codebook
-    u32  seed
+    varint seed             (LEB128, < 2**32)
     f32 * 2**mse_bits          only with a custom codebook
     f32 * N                    norms
     f32 * N                    residual norms (qjl only)
@@ -24,14 +24,12 @@ Blob body after the common header (codec.py), all little-endian:
 from __future__ import annotations
 
 import functools
-import struct
-
 import numpy as np
 
 from agp.errors import AGPError
 from agp.quant import bitpack, lloyd_max
-from agp.quant.codec import (CODEC_IDS, Codec, CodecError, as_rows, expect_len, read_header,
-                             write_header)
+from agp.quant.codec import (CODEC_IDS, Codec, CodecError, as_rows, expect_len, read_header, read_varint,
+                             write_header, write_varint)
 from agp.quant.rotation import Rotation
 
 VERSION = 1
@@ -151,7 +149,7 @@ class TurboQuant(Codec):
         if shape[-1] != self.dim:
             raise AGPError(f"TurboQuant(dim={self.dim}) cannot encode an array whose last dimension is {shape[-1]}")
         packed, norms = self.encode_batch(rows)
-        parts = [write_header(CODEC_IDS[self.name], self.version, shape), struct.pack("<BI", self._flags(), self.seed)]
+        parts = [write_header(CODEC_IDS[self.name], self.version, shape), bytes((self._flags(),)) + write_varint(self.seed)]
         if self.custom_codebook:
             parts.append(self.codebook.astype("<f4").tobytes())
         norms = norms.reshape(len(rows), -1)
@@ -167,16 +165,19 @@ def _parse_params(blob):
     cid, ver, shape, off = read_header(blob, CODEC_IDS["turboquant"])
     if ver != VERSION:
         raise CodecError(f"turboquant codec version {ver} is not supported (this build reads version {VERSION})")
-    if len(blob) < off + 5:
+    if len(blob) < off + 2:
         raise CodecError(f"truncated turboquant parameters at offset {off}")
-    flags, seed = struct.unpack_from("<BI", blob, off)
+    flags = blob[off]
+    seed, end = read_varint(blob, off + 1, "turboquant seed")
+    if seed >= 2**32:
+        raise CodecError(f"turboquant seed at offset {off + 1} does not fit in 32 bits")
     bits = flags & 0x0F
     if flags & 0x80 or bits not in BITS or (flags & F_QJL and bits < 2):
         raise CodecError(f"invalid turboquant flags 0x{flags:02x} at offset {off}")
     dim = shape[-1]
     if not 2 <= dim <= MAX_DIM or ((flags & (F_QJL | F_DENSE)) and dim > MAX_DENSE_DIM):
         raise CodecError(f"turboquant vector length {dim} is outside the supported range")
-    return shape, flags, seed, off + 5
+    return shape, flags, seed, end
 
 
 @functools.lru_cache(maxsize=16)
