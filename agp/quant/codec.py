@@ -113,6 +113,12 @@ class Codec:
     def meta(self) -> dict:
         return {"scheme": self.name, "version": self.version, "codec_id": CODEC_IDS[self.name]}
 
+    def _header(self, blob) -> tuple[tuple[int, ...], int]:
+        _, ver, shape, off = read_header(blob, CODEC_IDS[self.name])
+        if ver != self.version:
+            raise CodecError(f"{self.name} codec version {ver} is not supported (this build reads version {self.version})")
+        return shape, off
+
     def encode(self, array) -> bytes:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -130,7 +136,7 @@ class F32(Codec):
         return write_header(CODEC_IDS[self.name], self.version, shape) + rows.astype("<f4").tobytes()
 
     def decode(self, blob) -> np.ndarray:
-        _, _, shape, off = read_header(blob, CODEC_IDS[self.name])
+        shape, off = self._header(blob)
         n = int(np.prod(shape))
         expect_len(blob, off, 4 * n, "f32 blob")
         return np.frombuffer(blob, dtype="<f4", count=n, offset=off).reshape(shape)
@@ -147,7 +153,7 @@ class FP16(Codec):
         return write_header(CODEC_IDS[self.name], self.version, shape) + half.tobytes()
 
     def decode(self, blob) -> np.ndarray:
-        _, _, shape, off = read_header(blob, CODEC_IDS[self.name])
+        shape, off = self._header(blob)
         n = int(np.prod(shape))
         expect_len(blob, off, 2 * n, "fp16 blob")
         return np.frombuffer(blob, dtype="<f2", count=n, offset=off).reshape(shape)
@@ -183,7 +189,7 @@ class Q8_0(Codec):
         return write_header(CODEC_IDS[self.name], self.version, shape) + blocks.tobytes()
 
     def decode(self, blob) -> np.ndarray:
-        _, _, shape, off = read_header(blob, CODEC_IDS[self.name])
+        shape, off = self._header(blob)
         d = shape[-1]
         n = int(np.prod(shape[:-1]))
         nb = -(-d // Q8_BLOCK)
@@ -213,6 +219,28 @@ def decode_any(blob) -> np.ndarray:
         from agp.quant.turboquant import decode_blob
         return decode_blob(blob)
     return get_codec(CODEC_NAMES[cid]).decode(blob)
+
+
+def check_blob(blob) -> dict:
+    """Validate a codec blob completely (header, parameters, exact body length) without decoding it.
+
+    Returns blob_meta plus the codec's parameters. Raises CodecError naming the problem.
+    """
+    cid, ver, shape, off = read_header(blob)
+    name = CODEC_NAMES[cid]
+    meta = {"scheme": name, "codec_id": cid, "version": ver, "shape": shape}
+    if name == "turboquant":
+        from agp.quant.turboquant import check_blob as tq_check
+        return meta | tq_check(blob)
+    if ver != 1:
+        raise CodecError(f"{name} codec version {ver} is not supported (this build reads version 1)")
+    n = int(np.prod(shape))
+    if name == "q8_0":
+        need = int(np.prod(shape[:-1])) * -(-shape[-1] // Q8_BLOCK) * Q8_DTYPE.itemsize
+    else:
+        need = n * (4 if name == "f32" else 2)
+    expect_len(blob, off, need, f"{name} blob")
+    return meta
 
 
 def blob_meta(blob) -> dict:

@@ -185,7 +185,8 @@ def _cached(dim: int, bits: int, seed: int, qjl: bool, rotation: str) -> TurboQu
     return TurboQuant(dim, bits, seed, qjl=qjl, rotation=rotation)
 
 
-def _decode(blob, tq: TurboQuant | None) -> np.ndarray:
+def _layout(blob) -> dict:
+    """Parse and size-check a TurboQuant blob (no heavy objects built); returns its parameters and views."""
     shape, flags, seed, off = _parse_params(blob)
     bits, qjl = flags & 0x0F, bool(flags & F_QJL)
     rot = "dense" if flags & F_DENSE else "hadamard"
@@ -194,28 +195,44 @@ def _decode(blob, tq: TurboQuant | None) -> np.ndarray:
     # the padded dim follows from dim alone; compute sizes and check them before building anything
     pd = dim if rot == "dense" else Rotation.padded_dim_for(dim)
     cb_bytes = 4 * (1 << mse_bits) if flags & F_CODEBOOK else 0
-    per_row = 4 * (2 if qjl else 1) + bitpack.packed_size(pd, mse_bits) + (bitpack.packed_size(pd, 1) if qjl else 0)
-    expect_len(blob, off, cb_bytes + n * per_row, "turboquant blob")
+    code_bytes = bitpack.packed_size(pd, mse_bits) + (bitpack.packed_size(pd, 1) if qjl else 0)
+    k = 2 if qjl else 1
+    expect_len(blob, off, cb_bytes + n * (4 * k + code_bytes), "turboquant blob")
     codebook = None
     if cb_bytes:
         codebook = np.frombuffer(blob, "<f4", 1 << mse_bits, off)
         off += cb_bytes
         if not np.all(np.isfinite(codebook)) or np.any(np.diff(codebook) < 0):
             raise CodecError("turboquant custom codebook holds non-finite or unsorted levels")
-    if tq is None:
-        tq = TurboQuant(dim, bits, seed, codebook=codebook, qjl=qjl, rotation=rot) if cb_bytes else \
-            _cached(dim, bits, seed, qjl, rot)
-    elif (tq.dim, tq.bits, tq.seed, tq.qjl, tq.rotation.kind) != (dim, bits, seed, qjl, rot) or \
-            (cb_bytes and not np.array_equal(codebook, tq.codebook)) or (not cb_bytes and tq.custom_codebook):
-        raise CodecError(f"turboquant blob parameters (dim={dim}, bits={bits}, seed={seed}, qjl={qjl}, rotation={rot}) "
-                         f"do not match this codec ({tq.dim}, {tq.bits}, {tq.seed}, {tq.qjl}, {tq.rotation.kind})")
-    k = 2 if qjl else 1
     norms = np.frombuffer(blob, "<f4", n * k, off).reshape(k, n).T
     off += 4 * n * k
     if not np.all(np.isfinite(norms)) or np.any(norms < 0):
         raise CodecError("turboquant norms are negative or non-finite: corrupt blob")
-    packed = np.frombuffer(blob, np.uint8, n * (tq.code_bytes + tq.sign_bytes), off).reshape(n, -1)
-    return tq.decode_batch(packed, norms if qjl else norms[:, 0]).reshape(shape)
+    packed = np.frombuffer(blob, np.uint8, n * code_bytes, off).reshape(n, code_bytes)
+    return dict(shape=shape, dim=dim, bits=bits, seed=seed, qjl=qjl, rotation=rot, codebook=codebook,
+                norms=norms, packed=packed)
+
+
+def check_blob(blob) -> dict:
+    """Validate a TurboQuant blob fully without decoding; returns its parameters."""
+    lay = _layout(blob)
+    return {k: lay[k] for k in ("shape", "dim", "bits", "seed", "qjl", "rotation")} | \
+        {"custom_codebook": lay["codebook"] is not None}
+
+
+def _decode(blob, tq: TurboQuant | None) -> np.ndarray:
+    lay = _layout(blob)
+    dim, bits, seed, qjl, rot, codebook = (lay[k] for k in ("dim", "bits", "seed", "qjl", "rotation", "codebook"))
+    if tq is None:
+        tq = TurboQuant(dim, bits, seed, codebook=codebook, qjl=qjl, rotation=rot) if codebook is not None else \
+            _cached(dim, bits, seed, qjl, rot)
+    elif (tq.dim, tq.bits, tq.seed, tq.qjl, tq.rotation.kind) != (dim, bits, seed, qjl, rot) or \
+            (codebook is not None and not np.array_equal(codebook, tq.codebook)) or \
+            (codebook is None and tq.custom_codebook):
+        raise CodecError(f"turboquant blob parameters (dim={dim}, bits={bits}, seed={seed}, qjl={qjl}, rotation={rot}) "
+                         f"do not match this codec ({tq.dim}, {tq.bits}, {tq.seed}, {tq.qjl}, {tq.rotation.kind})")
+    norms = lay["norms"]
+    return tq.decode_batch(lay["packed"], norms if qjl else norms[:, 0]).reshape(lay["shape"])
 
 
 def decode_blob(blob) -> np.ndarray:
