@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agp.errors import AGPError
-from agp.ptp.errors import MalformedSection, UnknownCodec
+from agp.ptp.errors import CodecVersionMismatch, MalformedSection, UnknownCodec
 from agp.quant import codec as qcodec
 
 SECTION_NAMES = ("identity", "trajectory", "vitality", "semantic", "payload")
@@ -286,6 +286,10 @@ def check_blob(blob, what: str) -> dict:
     """Validate a codec blob completely without decoding it; typed errors for unknown codecs."""
     if len(blob) >= 1 and blob[0] not in qcodec.CODEC_NAMES:
         raise UnknownCodec(f"{what} uses unknown codec id {blob[0]} (known: {sorted(qcodec.CODEC_NAMES)})", "payload")
+    if len(blob) >= 2 and blob[1] != qcodec.CODEC_VERSIONS[qcodec.CODEC_NAMES[blob[0]]]:
+        name = qcodec.CODEC_NAMES[blob[0]]
+        raise CodecVersionMismatch(f"{what} codec {name} version {blob[1]}; this build decodes version "
+                                   f"{qcodec.CODEC_VERSIONS[name]}", "payload")
     try:
         return qcodec.check_blob(blob)
     except qcodec.CodecError as e:

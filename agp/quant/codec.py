@@ -21,6 +21,7 @@ from agp.errors import AGPError
 
 CODEC_IDS = {"f32": 0, "fp16": 1, "q8_0": 2, "turboquant": 3}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
+CODEC_VERSIONS = {"f32": 1, "fp16": 1, "q8_0": 1, "turboquant": 1}  # the byte format each decoder reads
 MAX_NDIM = 4
 MAX_ELEMENTS = 1 << 28  # 1 GiB of fp32: nothing legitimate in a packet is bigger
 
