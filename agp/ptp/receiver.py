@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from agp.ptp.errors import (CodecVersionMismatch, FingerprintMismatch, HostMismatch, LoopbackMismatch,
                             MalformedSection, ReplayRejected, UnknownCodec)
 from agp.ptp.packet import decode_packet
-from agp.ptp.sections import Packet, fingerprint8
+from agp.ptp.sections import Packet, fingerprint8, host_id
 from agp.quant.codec import CODEC_IDS
 from agp.quant.turboquant import VERSION as TQ_VERSION
 
@@ -77,6 +77,7 @@ class Receiver:
 
     def __post_init__(self):
         self._model, self._tok = fingerprint8(self.model_fp), fingerprint8(self.tokenizer_fp)
+        self._host = host_id(self.host)
         self._codecs = {CODEC_IDS[k]: set(v) for k, v in self.codecs.items()}
         self.replay = ReplayWindow(self.window, self.max_sessions)
         self.accepted = 0
@@ -93,9 +94,9 @@ class Receiver:
         if p.loopback != self.loopback:
             raise LoopbackMismatch("loopback debug packet sent to a production receiver" if p.loopback
                                    else "production packet sent to a loopback receiver", "header")
-        if idn.target_host != self.host or (self.loopback and idn.source_host != self.host):
-            raise HostMismatch(f"packet from {idn.source_host} addressed to {idn.target_host}, this receiver is {self.host}",
-                               "identity")
+        if idn.target_host != self._host or (self.loopback and idn.source_host != self._host):
+            raise HostMismatch(f"packet from host id {idn.source_host.hex()} addressed to {idn.target_host.hex()}, "
+                               f"this receiver is {self.host} ({self._host.hex()})", "identity")
         for what, meta in (("residual", p.payload.meta), ("kv summary", getattr(p.payload, "kv_meta", None))):
             if meta is None:
                 continue

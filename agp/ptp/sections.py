@@ -31,6 +31,20 @@ def fingerprint8(fp: str | bytes) -> bytes:
     return hashlib.sha256(fp.encode()).digest()[:8]
 
 
+def host_id(host: str | bytes) -> bytes:
+    """The 4 bytes a packet carries for a host: sha256(name)[:4] (4 raw bytes pass through).
+
+    Fixed-size ids keep the identity section fixed-size (and the packet small whatever the names);
+    a receiver only needs equality with its own id. Names: 1..64 printable ASCII, no spaces.
+    """
+    if isinstance(host, bytes) and len(host) == 4:
+        return host
+    h = host.encode("ascii", "replace") if isinstance(host, str) else bytes(host)
+    if not _HOST.fullmatch(h):
+        raise AGPError(f"host name {host!r} must be 1..64 printable ASCII characters without spaces")
+    return hashlib.sha256(h).digest()[:4]
+
+
 def _f16(values, what: str) -> bytes:
     a = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(a)) or np.any(np.abs(a) > _F16_MAX):
@@ -65,50 +79,35 @@ class Identity:
     source_host: str
     target_host: str
 
-    _FMT = struct.Struct("<8s8sBQIHHI")  # 39 bytes
+    _FMT = struct.Struct("<8s8sBQIHHI4s4s")  # 45 bytes, fixed
+
+    def __post_init__(self):
+        # keep the wire form: fingerprints become their first 8 bytes, host names their 4-byte ids
+        self.model_fp, self.tokenizer_fp = fingerprint8(self.model_fp), fingerprint8(self.tokenizer_fp)
+        self.source_host, self.target_host = host_id(self.source_host), host_id(self.target_host)
 
     def pack(self) -> bytes:
         if self.quantization not in QUANTIZATIONS:
             raise AGPError(f"unknown quantization {self.quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
-        hosts = []
-        for name in (self.source_host, self.target_host):
-            h = name.encode("ascii", "replace")
-            if not _HOST.fullmatch(h):
-                raise AGPError(f"host name {name!r} must be 1..64 printable ASCII characters without spaces")
-            hosts.append(bytes((len(h),)) + h)
         if not 1 <= self.span_len < 2**16 or not 0 <= self.span_start < 2**32:
             raise AGPError(f"token span start={self.span_start} len={self.span_len} out of range (len 1..65535)")
         try:
-            head = self._FMT.pack(fingerprint8(self.model_fp), fingerprint8(self.tokenizer_fp),
-                                  QUANTIZATIONS.index(self.quantization), self.session_id, self.span_start,
-                                  self.span_len, self.layer, self.seq)
+            return self._FMT.pack(self.model_fp, self.tokenizer_fp, QUANTIZATIONS.index(self.quantization),
+                                  self.session_id, self.span_start, self.span_len, self.layer, self.seq,
+                                  self.source_host, self.target_host)
         except struct.error as e:
             raise AGPError(f"identity field out of range ({e}): session u64, layer u16, seq u32") from None
-        return head + b"".join(hosts)
 
     @classmethod
     def unpack(cls, buf) -> Identity:
         s = "identity"
-        n = cls._FMT.size
-        if len(buf) < n + 2:
-            raise MalformedSection(f"identity section is {len(buf)} bytes, shorter than its {n + 2}-byte minimum", s)
-        mfp, tfp, q, sess, start, span, layer, seq = cls._FMT.unpack_from(buf, 0)
+        _exact(buf, cls._FMT.size, s)
+        mfp, tfp, q, sess, start, span, layer, seq, src, dst = cls._FMT.unpack_from(buf, 0)
         if q >= len(QUANTIZATIONS):
             raise MalformedSection(f"unknown quantization code {q} at identity offset 16", s)
         if span < 1:
-            raise MalformedSection("token span length 0 at identity offset 30", s)
-        hosts, off = [], n
-        for which in ("source", "target"):
-            if off >= len(buf):
-                raise MalformedSection(f"identity section ends before the {which} host", s)
-            ln = buf[off]
-            h = bytes(buf[off + 1: off + 1 + ln])
-            if len(h) != ln or not _HOST.fullmatch(h):
-                raise MalformedSection(f"{which} host at identity offset {off} is not 1..64 printable ASCII bytes", s)
-            hosts.append(h.decode("ascii"))
-            off += 1 + ln
-        _exact(buf, off, s)
-        return cls(bytes(mfp), bytes(tfp), QUANTIZATIONS[q], sess, start, span, layer, seq, *hosts)
+            raise MalformedSection("token span length 0 at identity offset 29", s)
+        return cls(bytes(mfp), bytes(tfp), QUANTIZATIONS[q], sess, start, span, layer, seq, bytes(src), bytes(dst))
 
 
 @dataclass
