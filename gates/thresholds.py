@@ -23,3 +23,10 @@ STAGE0_PENULTIMATE_AGREE_MIN = 0.5
 # "The capital of France is" continues with " the" (measured: " the capital of the country
 # of France"), with " Paris" at rank 3 (p=0.084), so the bare form is gated on top-3 rank.
 STAGE0_PARIS_BARE_MAX_RANK = 3
+
+# --- issue 5: codecs and AGP-PTP (branch codecs) -----------------------------------------------
+# Done-when of issue 5: a 4-bit TurboQuant packet of one 640-d state, all five sections and headers
+# included, is at most one third of the same packet carrying fp16. Measured 2026-11-29 (tests/test_ptp_size.py):
+# 473 B vs 1427 B = 0.331 (header 15 + table 26 + identity 45 + trajectory 16 + vitality 11 + semantic 23
+# + payload 337); the codes alone are 320 vs 1280 B, so the 1/3 holds while metadata stays under ~151 B.
+PTP_TQ4_OVER_FP16_MAX = 1 / 3

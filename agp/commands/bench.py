@@ -10,6 +10,7 @@ TARGETS = {
     "baseline": "agp.backbone.bench",
     "codecs": "agp.quant.bench",
     "index": "agp.index.bench",
+    "ptp-fuzz": "agp.ptp.fuzz",
 }
 
 

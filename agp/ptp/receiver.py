@@ -1,0 +1,118 @@
+"""The receiving end: compatibility checks and the replay window (docs/ptp.md §3)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from agp.ptp.errors import (CodecVersionMismatch, FingerprintMismatch, HostMismatch, LoopbackMismatch,
+                            MalformedSection, ReplayRejected, UnknownCodec)
+from agp.ptp.packet import decode_packet
+from agp.ptp.sections import Packet, fingerprint8, host_id
+from agp.quant.codec import CODEC_IDS
+from agp.quant.turboquant import VERSION as TQ_VERSION
+
+DEFAULT_CODECS = {"f32": (1,), "fp16": (1,), "q8_0": (1,), "turboquant": (TQ_VERSION,)}
+
+
+class ReplayWindow:
+    """Per-session sliding window of seen sequence numbers (RFC 4303 anti-replay), bounded in memory."""
+
+    def __init__(self, window: int = 1024, max_sessions: int = 4096):
+        if window < 1 or max_sessions < 1:
+            raise ValueError("window and max_sessions must be positive")
+        self.window, self.max_sessions = window, max_sessions
+        self._sessions: OrderedDict[int, list[int]] = OrderedDict()  # session -> [highest, bitmap]
+        self._retired: OrderedDict[int, None] = OrderedDict()  # evicted sessions: reject their packets
+
+    def check(self, session: int, seq: int, commit: bool = True) -> None:
+        """Raise ReplayRejected for a duplicate or stale (session, seq); record it when `commit`."""
+        if session in self._retired:
+            raise ReplayRejected(f"session {session:#x} was evicted from the replay window; start a new session", "identity")
+        st = self._sessions.get(session)
+        if st is None:
+            if commit:
+                self._admit(session, [seq, 1])
+            return
+        hi, bits = st
+        if seq > hi:
+            if commit:
+                shift = seq - hi
+                st[0], st[1] = seq, ((bits << shift) | 1) & ((1 << self.window) - 1) if shift < self.window else 1
+                self._sessions.move_to_end(session)
+            return
+        back = hi - seq
+        if back >= self.window:
+            raise ReplayRejected(f"stale sequence number {seq} in session {session:#x} (newest {hi}, window {self.window})",
+                                 "identity")
+        if bits >> back & 1:
+            raise ReplayRejected(f"duplicate sequence number {seq} in session {session:#x}", "identity")
+        if commit:
+            st[1] = bits | (1 << back)
+            self._sessions.move_to_end(session)
+
+    def _admit(self, session: int, state: list[int]) -> None:
+        self._sessions[session] = state
+        while len(self._sessions) > self.max_sessions:
+            old, _ = self._sessions.popitem(last=False)
+            self._retired[old] = None
+            while len(self._retired) > 4 * self.max_sessions:
+                self._retired.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+@dataclass
+class Receiver:
+    """Accepts packets for one backbone on one host; everything else is rejected with a typed error."""
+
+    model_fp: str | bytes
+    tokenizer_fp: str | bytes
+    quantization: str
+    host: str
+    codecs: dict = field(default_factory=lambda: dict(DEFAULT_CODECS))  # name -> accepted versions
+    window: int = 1024
+    max_sessions: int = 4096
+    loopback: bool = False
+
+    def __post_init__(self):
+        self._model, self._tok = fingerprint8(self.model_fp), fingerprint8(self.tokenizer_fp)
+        self._host = host_id(self.host)
+        self._codecs = {CODEC_IDS[k]: set(v) for k, v in self.codecs.items()}
+        self.replay = ReplayWindow(self.window, self.max_sessions)
+        self.accepted = 0
+
+    def check(self, p: Packet) -> None:
+        """Compatibility checks (step 6) on a decoded packet."""
+        idn = p.identity
+        if idn.model_fp != self._model:
+            raise FingerprintMismatch(f"model fingerprint {idn.model_fp.hex()} != this receiver's {self._model.hex()}", "identity")
+        if idn.tokenizer_fp != self._tok:
+            raise FingerprintMismatch(f"tokenizer fingerprint {idn.tokenizer_fp.hex()} != this receiver's {self._tok.hex()}", "identity")
+        if idn.quantization != self.quantization:
+            raise FingerprintMismatch(f"backbone quantization {idn.quantization} != this receiver's {self.quantization}", "identity")
+        if p.loopback != self.loopback:
+            raise LoopbackMismatch("loopback debug packet sent to a production receiver" if p.loopback
+                                   else "production packet sent to a loopback receiver", "header")
+        if idn.target_host != self._host or (self.loopback and idn.source_host != self._host):
+            raise HostMismatch(f"packet from host id {idn.source_host.hex()} addressed to {idn.target_host.hex()}, "
+                               f"this receiver is {self.host} ({self._host.hex()})", "identity")
+        for what, meta in (("residual", p.payload.meta), ("kv summary", getattr(p.payload, "kv_meta", None))):
+            if meta is None:
+                continue
+            if meta["codec_id"] not in self._codecs:
+                raise UnknownCodec(f"{what} codec {meta['scheme']} is not accepted here", "payload")
+            if meta["version"] not in self._codecs[meta["codec_id"]]:
+                raise CodecVersionMismatch(f"{what} codec {meta['scheme']} version {meta['version']} not in accepted "
+                                           f"{sorted(self._codecs[meta['codec_id']])}", "payload")
+        shape = p.payload.meta["shape"]
+        if len(shape) != 2 or shape[0] != idn.span_len:
+            raise MalformedSection(f"residual shape {shape} must be [span_len={idn.span_len}, d]", "payload")
+
+    def receive(self, data) -> Packet:
+        """Decode, check and replay-filter one packet; returns it or raises a PTPError subclass."""
+        p = decode_packet(data)
+        self.check(p)
+        self.replay.check(p.identity.session_id, p.identity.seq)
+        self.accepted += 1
+        return p
