@@ -103,11 +103,11 @@ def test_bitpack_rejects_bad_input():
         bitpack.pack(np.zeros((1, 1), np.uint8), 9)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("rotation", ["hadamard", "dense"])
+@pytest.mark.parametrize("bits,rotation", [(2, "hadamard"), (3, "hadamard"), (4, "hadamard"), (8, "hadamard"),
+                                           (2, "dense"), (4, "dense")])
 def test_turboquant_mse_within_paper_bound(bits, rotation):
     x = np.random.default_rng(bits).standard_normal((300, 640)).astype(np.float32) * 3
-    tq = TurboQuant(640, bits, seed=5, rotation=rotation)
+    tq = TurboQuant(640, bits, seed=3, rotation=rotation)  # seed 3: the dense matrix is cached from above
     packed, norms = tq.encode_batch(x)
     assert packed.shape == (300, 640 * bits // 8) and packed.dtype == np.uint8
     xh = tq.decode_batch(packed, norms)

@@ -68,6 +68,17 @@ def fwht(y: np.ndarray, block: int) -> np.ndarray:
     return np.ascontiguousarray(v).reshape(n, d)
 
 
+@functools.lru_cache(maxsize=8)
+def _haar(dim: int, seed: int) -> np.ndarray:
+    """Seeded Haar-random orthogonal matrix (QR of a Gaussian, signs fixed); cached: QR is O(d^3)."""
+    rng = np.random.default_rng([0x5EED, seed, dim, 1])
+    q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
+    q *= np.sign(np.diag(r))  # makes the distribution Haar
+    q = q.astype(np.float32)
+    q.flags.writeable = False
+    return q
+
+
 class Rotation:
     """A seeded orthogonal map R: R^dim -> R^padded_dim (norm-preserving; `invert` undoes it)."""
 
@@ -82,9 +93,7 @@ class Rotation:
         rng = np.random.default_rng([0x5EED, self.seed, self.dim, KINDS.index(kind)])
         if kind == "dense":
             self.padded_dim = self.dim
-            q, r = np.linalg.qr(rng.standard_normal((self.dim, self.dim)))
-            q *= np.sign(np.diag(r))  # makes the distribution Haar
-            self.matrix = q.astype(np.float32)
+            self.matrix = _haar(self.dim, self.seed)
             return
         p2 = _pow2_factor(self.dim)
         if p2 == self.dim:
