@@ -252,8 +252,12 @@ def run_fuzz(args: FuzzArgs) -> dict:
         recv.replay = type(recv.replay)(recv.window, recv.max_sessions)  # fresh window: test parsing, not replay
         t = time.perf_counter()
         try:
-            recv.receive(data)
+            got = recv.receive(data)
             outcome = "accepted"
+            # an accepted packet must also decode to a finite state
+            state = got.payload.array()
+            if not np.all(np.isfinite(state)):
+                raise ValueError("accepted packet decodes to a non-finite state")
         except PTPError as e:
             outcome = "rejected"
             reasons[e.reason] += 1
