@@ -122,6 +122,8 @@ def test_compatibility_rejections():
     _reject(encode_packet(_fp16_packet(target_host="host-c")), E.HostMismatch)
     _reject(encode_packet(dataclasses.replace(base, loopback=True)), E.LoopbackMismatch, match="production receiver")
     _reject(encode_packet(_fp16_packet(span_len=2)), E.MalformedSection, match="span_len=2")
+    narrow = type(receiver())(MODEL_FP, TOK_FP, QUANT, HOST, hidden_size=1536)
+    _reject(encode_packet(base), E.FingerprintMismatch, rcv=narrow, match="hidden size 1536")
     only_q8 = receiver()
     only_q8 = type(only_q8)(MODEL_FP, TOK_FP, QUANT, HOST, codecs={"q8_0": (1,)})
     _reject(encode_packet(base), E.UnknownCodec, rcv=only_q8, match="not accepted")

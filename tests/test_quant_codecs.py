@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from agp.quant.codec import CodecError, FP16, F32, Q8_0, blob_meta, decode_any, get_codec, write_header
+from agp.quant.codec import CodecError, FP16, F32, Q8_0, blob_meta, check_blob, decode_any, get_codec, write_header
 from agp.quant.turboquant import TurboQuant
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
@@ -94,10 +94,14 @@ def test_codecs_meta_and_registry():
     (write_header(3, 1, (1 << 20,)) + b"\x04\0\0\0\0", "outside the supported range"),
     (write_header(3, 1, (640,)) + b"\x04\0" + b"\0" * 323, "implies 324"),
     (write_header(3, 1, (640,)) + b"\x04\0" + b"\xff\xff\xff\xff" + b"\0" * 320, "non-finite"),
+    (write_header(1, 1, (2,)) + b"\0\0\0\x7c", "NaN/Inf"),                    # fp16 +inf
+    (write_header(2, 1, (32,)) + b"\0\x7e" + b"\0" * 32, "NaN/Inf"),           # q8_0 scale NaN
 ])
 def test_bad_blobs_are_rejected_with_reason(blob, reason):
     with pytest.raises(CodecError, match=reason):
         decode_any(blob)
+    with pytest.raises(CodecError, match=reason):  # the validator the packet receiver runs agrees
+        check_blob(blob)
 
 
 def test_parameter_mismatch_is_rejected():

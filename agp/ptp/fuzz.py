@@ -213,6 +213,16 @@ MUTATIONS = {
 }
 
 
+def _time_once(recv: Receiver, data: bytes) -> float:
+    recv.replay = type(recv.replay)(recv.window, recv.max_sessions)
+    t = time.perf_counter()
+    try:
+        recv.receive(data)
+    except PTPError:
+        pass
+    return (time.perf_counter() - t) * 1e3
+
+
 def _canonical(data: bytes) -> bool:
     try:
         return encode_packet(decode_packet(data)) == data
@@ -242,8 +252,12 @@ def run_fuzz(args: FuzzArgs) -> dict:
         recv.replay = type(recv.replay)(recv.window, recv.max_sessions)  # fresh window: test parsing, not replay
         t = time.perf_counter()
         try:
-            recv.receive(data)
+            got = recv.receive(data)
             outcome = "accepted"
+            # an accepted packet must also decode to a finite state
+            state = got.payload.array()
+            if not np.all(np.isfinite(state)):
+                raise ValueError("accepted packet decodes to a non-finite state")
         except PTPError as e:
             outcome = "rejected"
             reasons[e.reason] += 1
@@ -253,9 +267,11 @@ def run_fuzz(args: FuzzArgs) -> dict:
             outcome = "crashed"
             failures.append(f"{name}: {type(e).__name__}: {e}")
         dt = (time.perf_counter() - t) * 1e3
+        if dt > args.max_ms:  # re-time: on a shared box one slow run can be the scheduler, not the decoder
+            dt = min(dt, *(_time_once(recv, data) for _ in range(3)))
+            if dt > args.max_ms:
+                counts[(name, "slow")] += 1
         worst_ms = max(worst_ms, dt)
-        if dt > args.max_ms:
-            counts[(name, "slow")] += 1
         if outcome == "accepted":
             ok = data == pool[j] or (resealed and expect is None and _canonical(data))
             outcome = "accepted-valid" if ok else "accepted-wrongly"
@@ -320,7 +336,7 @@ def _memory_check(rng) -> dict:
 
 def format_report(res: dict) -> str:
     lines = [f"AGP-PTP fuzz: {res['tried']} inputs tried, {res['accepted_wrongly']} accepted wrongly, "
-             f"{res['crashed']} crashed, {res['slow']} slow (worst decode {res['worst_ms']:.2f} ms)",
+             f"{res['crashed']} crashed, {res['slow']} slow (worst decode {res['worst_ms']:.2f} ms, best of 4 when slow)",
              f"{'mutation':24s} {'rejected':>9s} {'valid-ok':>9s} {'wrong':>6s} {'crash':>6s} {'other-reason':>12s}"]
     for m, c in res["per_mutation"].items():
         lines.append(f"{m:24s} {c.get('rejected', 0):9d} {c.get('accepted-valid', 0):9d} "

@@ -74,6 +74,7 @@ class Receiver:
     window: int = 1024
     max_sessions: int = 4096
     loopback: bool = False
+    hidden_size: int | None = None  # when set, the residual must be [span_len, hidden_size]
 
     def __post_init__(self):
         self._model, self._tok = fingerprint8(self.model_fp), fingerprint8(self.tokenizer_fp)
@@ -108,6 +109,10 @@ class Receiver:
         shape = p.payload.meta["shape"]
         if len(shape) != 2 or shape[0] != idn.span_len:
             raise MalformedSection(f"residual shape {shape} must be [span_len={idn.span_len}, d]", "payload")
+        # a receiver knows its model's width: refusing other widths also keeps a sender from making
+        # it build rotations/codebooks for arbitrary sizes
+        if self.hidden_size is not None and shape[1] != self.hidden_size:
+            raise FingerprintMismatch(f"residual width {shape[1]} != this model's hidden size {self.hidden_size}", "payload")
 
     def receive(self, data) -> Packet:
         """Decode, check and replay-filter one packet; returns it or raises a PTPError subclass."""

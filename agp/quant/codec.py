@@ -140,7 +140,9 @@ class F32(Codec):
         shape, off = self._header(blob)
         n = int(np.prod(shape))
         expect_len(blob, off, 4 * n, "f32 blob")
-        return np.frombuffer(blob, dtype="<f4", count=n, offset=off).reshape(shape)
+        out = np.frombuffer(blob, dtype="<f4", count=n, offset=off)
+        _finite(out, "f32 values")
+        return out.reshape(shape)
 
 
 class FP16(Codec):
@@ -157,7 +159,9 @@ class FP16(Codec):
         shape, off = self._header(blob)
         n = int(np.prod(shape))
         expect_len(blob, off, 2 * n, "fp16 blob")
-        return np.frombuffer(blob, dtype="<f2", count=n, offset=off).reshape(shape)
+        out = np.frombuffer(blob, dtype="<f2", count=n, offset=off)
+        _finite(out, "fp16 values")
+        return out.reshape(shape)
 
 
 Q8_BLOCK = 32
@@ -196,6 +200,7 @@ class Q8_0(Codec):
         nb = -(-d // Q8_BLOCK)
         expect_len(blob, off, n * nb * Q8_DTYPE.itemsize, "q8_0 blob")
         blocks = np.frombuffer(blob, dtype=Q8_DTYPE, count=n * nb, offset=off)
+        _finite(blocks["d"], "q8_0 block scales")
         x = blocks["qs"].astype(np.float32) * blocks["d"].astype(np.float32)[:, None]
         return x.reshape(n, nb * Q8_BLOCK)[:, :d].reshape(shape)
 
@@ -237,11 +242,20 @@ def check_blob(blob) -> dict:
         raise CodecError(f"{name} codec version {ver} is not supported (this build reads version 1)")
     n = int(np.prod(shape))
     if name == "q8_0":
-        need = int(np.prod(shape[:-1])) * -(-shape[-1] // Q8_BLOCK) * Q8_DTYPE.itemsize
+        nblocks = int(np.prod(shape[:-1])) * -(-shape[-1] // Q8_BLOCK)
+        expect_len(blob, off, nblocks * Q8_DTYPE.itemsize, "q8_0 blob")
+        _finite(np.frombuffer(blob, Q8_DTYPE, nblocks, off)["d"], "q8_0 block scales")
     else:
-        need = n * (4 if name == "f32" else 2)
-    expect_len(blob, off, need, f"{name} blob")
+        dt = "<f4" if name == "f32" else "<f2"
+        expect_len(blob, off, n * np.dtype(dt).itemsize, f"{name} blob")
+        _finite(np.frombuffer(blob, dt, n, off), f"{name} values")
     return meta
+
+
+def _finite(a: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(a)):
+        bad = int(np.flatnonzero(~np.isfinite(a))[0])
+        raise CodecError(f"{what} hold NaN/Inf (first at element {bad}): a hidden state must be finite")
 
 
 def blob_meta(blob) -> dict:

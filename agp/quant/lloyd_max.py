@@ -29,9 +29,20 @@ def boundaries(codebook: np.ndarray) -> np.ndarray:
     return (c[1:] + c[:-1]) * np.float32(0.5)
 
 
-def quantize(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """Index of the nearest level for every element of `x` (uint8, same shape)."""
-    return np.searchsorted(boundaries(codebook), np.asarray(x, dtype=np.float32)).astype(np.uint8)
+def quantize(x: np.ndarray, codebook: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
+    """Index of the nearest level for every element of `x` (uint8, same shape).
+
+    Same result as np.searchsorted(midpoints, x) (side="left"); for <= 16 levels counting the
+    boundaries below x is several times faster than a binary search per element.
+    """
+    b = boundaries(codebook) if bounds is None else bounds
+    x = np.asarray(x, dtype=np.float32)
+    if len(b) > 15:
+        return np.searchsorted(b, x).astype(np.uint8)
+    idx = np.zeros(x.shape, np.uint8)
+    for t in b:
+        idx += x > t
+    return idx
 
 
 def _lloyd_weighted(x: np.ndarray, w: np.ndarray, levels: int, iters: int, tol: float,

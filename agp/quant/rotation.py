@@ -14,6 +14,8 @@ the input. A random rotation gives that. Two kinds:
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from agp.errors import AGPError
@@ -30,19 +32,51 @@ def _next_pow2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length()
 
 
+MAX_FACTOR = 128  # Hadamard factors applied as small dense matmuls (BLAS) instead of log2(b) NumPy passes
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard(n: int) -> np.ndarray:
+    """Orthonormal Sylvester Hadamard matrix [n, n] (n a power of two), float32."""
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(n)).astype(np.float32)
+
+
+def _factors(block: int) -> list[int]:
+    out = []
+    while block > MAX_FACTOR:
+        out.append(MAX_FACTOR)
+        block //= MAX_FACTOR
+    return [block] + out
+
+
 def fwht(y: np.ndarray, block: int) -> np.ndarray:
-    """Orthonormal Walsh-Hadamard transform of every contiguous `block` of the last axis (returns a new array)."""
+    """Orthonormal Walsh-Hadamard transform of every contiguous `block` of the last axis (returns a new array).
+
+    Uses H_(ab) = H_a ⊗ H_b: the block is viewed as a tensor with axes of size <= 128 and each axis
+    is multiplied by a small Hadamard matrix, so the work runs in BLAS (same result as the butterfly).
+    """
     n, d = y.shape
-    y = np.ascontiguousarray(y, dtype=np.float32).reshape(n * (d // block), block)
-    h = 1
-    while h < block:
-        v = y.reshape(-1, block // (2 * h), 2, h)
-        a = v[:, :, 0, :]
-        b = v[:, :, 1, :]
-        y = np.stack((a + b, a - b), axis=2).reshape(-1, block)
-        h *= 2
-    y *= np.float32(1.0 / np.sqrt(block))
-    return y.reshape(n, d)
+    fs = _factors(block)
+    v = np.asarray(y, dtype=np.float32).reshape(n * (d // block), *fs)
+    if len(fs) == 1:
+        return (v @ _hadamard(block)).reshape(n, d)
+    for ax, f in enumerate(fs):
+        v = np.moveaxis(np.moveaxis(v, ax + 1, -1) @ _hadamard(f), -1, ax + 1)
+    return np.ascontiguousarray(v).reshape(n, d)
+
+
+@functools.lru_cache(maxsize=8)
+def _haar(dim: int, seed: int) -> np.ndarray:
+    """Seeded Haar-random orthogonal matrix (QR of a Gaussian, signs fixed); cached: QR is O(d^3)."""
+    rng = np.random.default_rng([0x5EED, seed, dim, 1])
+    q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
+    q *= np.sign(np.diag(r))  # makes the distribution Haar
+    q = q.astype(np.float32)
+    q.flags.writeable = False
+    return q
 
 
 class Rotation:
@@ -59,9 +93,7 @@ class Rotation:
         rng = np.random.default_rng([0x5EED, self.seed, self.dim, KINDS.index(kind)])
         if kind == "dense":
             self.padded_dim = self.dim
-            q, r = np.linalg.qr(rng.standard_normal((self.dim, self.dim)))
-            q *= np.sign(np.diag(r))  # makes the distribution Haar
-            self.matrix = q.astype(np.float32)
+            self.matrix = _haar(self.dim, self.seed)
             return
         p2 = _pow2_factor(self.dim)
         if p2 == self.dim:

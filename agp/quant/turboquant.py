@@ -107,7 +107,7 @@ class TurboQuant(Codec):
         norms = np.linalg.norm(x, axis=1).astype(np.float32)
         unit = x / np.where(norms > 0, norms, 1)[:, None]
         y = self.rotation.apply(unit)
-        idx = np.searchsorted(self._bounds, y).astype(np.uint8)
+        idx = lloyd_max.quantize(y, self.codebook, self._bounds)
         packed = bitpack.pack(idx, self.mse_bits)
         if not self.qjl:
             return packed, norms
