@@ -126,10 +126,11 @@ def rule_mirror_echo(rec, args, state):
     if p and r and (p == r or (len(r) < 1.3 * len(p) and p in r) or (len(r) >= 0.5 * len(p) and r in p) or
                     (abs(len(p) - len(r)) < 0.2 * max(len(p), len(r)) and _similar(p, r) >= args.echo_ratio)):
         return "drop"
-    if p and len(p) > 40 and hashlib.sha256(p.encode()).digest() in state.setdefault("responses", set()):
+    responses = state.setdefault("responses", set())
+    if p and len(p) > 40 and hashlib.sha256(p.encode()).digest() in responses:
         return "drop"
     if r:
-        state["responses"].add(hashlib.sha256(r.encode()).digest())
+        responses.add(hashlib.sha256(r.encode()).digest())
 
 
 def rule_over_long(rec, args, state):
