@@ -23,3 +23,11 @@ STAGE0_PENULTIMATE_AGREE_MIN = 0.5
 # "The capital of France is" continues with " the" (measured: " the capital of the country
 # of France"), with " Paris" at rank 3 (p=0.084), so the bare form is gated on top-3 rank.
 STAGE0_PARIS_BARE_MAX_RANK = 3
+
+# --- stage 1: domain adapter (issue 3) --------------------------------------------------------
+# PLACEHOLDER values, replaced below by the measured ones.
+STAGE1_HELDOUT_GAIN_MIN = 0.10
+STAGE1_CONTROL_RISE_MAX = 0.10
+STAGE1_REPRODUCE_NLL_ABS = 1e-5
+STAGE1_MIN_EVAL_TOKENS = 200
+STAGE1_PEAK_MEMORY_GB_MAX = 8.0
