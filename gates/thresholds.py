@@ -30,3 +30,10 @@ STAGE0_PARIS_BARE_MAX_RANK = 3
 # 473 B vs 1427 B = 0.331 (header 15 + table 26 + identity 45 + trajectory 16 + vitality 11 + semantic 23
 # + payload 337); the codes alone are 320 vs 1280 B, so the 1/3 holds while metadata stays under ~151 B.
 PTP_TQ4_OVER_FP16_MAX = 1 / 3
+# --- stage 1: domain adapter (issue 3) --------------------------------------------------------
+# PLACEHOLDER values, replaced below by the measured ones.
+STAGE1_HELDOUT_GAIN_MIN = 0.10
+STAGE1_CONTROL_RISE_MAX = 0.10
+STAGE1_REPRODUCE_NLL_ABS = 1e-5
+STAGE1_MIN_EVAL_TOKENS = 200
+STAGE1_PEAK_MEMORY_GB_MAX = 8.0

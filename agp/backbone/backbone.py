@@ -199,7 +199,8 @@ def load(model: str | None = None, adapter: str | None = None) -> Backbone:
         if arch not in segments.SUPPORTED:
             raise AGPError(f"model at {path} has architecture '{arch}', which AGP does not support yet; "
                            f"supported: {', '.join(segments.SUPPORTED)}")
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
-        raise AGPError(f"adapter directory {adapter} has no adapter_config.json; pass the directory `agp run --stage adapter` wrote")
+    if adapter is not None:
+        from agp.backbone.adapters import check_base
+        check_base(adapter, weights_fingerprint(path), path)
     m, tok = mlx_lm.load(str(path), adapter_path=adapter)
     return Backbone(m, tok, path, adapter)
