@@ -210,3 +210,21 @@ def test_loopback_link_roundtrip_and_dump():
         with pytest.raises(E.LengthMismatch, match="frame claims"):
             recv_frame(link._rx)
     assert dump(encode_packet(pkt))["magic"] == "AGPP"
+
+
+def test_centered_turboquant_needs_the_same_layer_mean():
+    rng = np.random.default_rng(0)
+    mu = rng.standard_normal(640).astype(np.float32) * 50
+    mu[163] = 9000.0  # the massive shared channel of Gemma's residual stream
+    x = (mu + rng.standard_normal((1, 640)).astype(np.float32) * 5)
+    pkt = _fp16_packet()
+    pkt.payload = Payload(TurboQuant(640, 4, center=mu).encode(x))
+    data = encode_packet(pkt)
+    good = type(receiver())(MODEL_FP, TOK_FP, QUANT, HOST, centers={12: mu})
+    state = good.state(good.receive(data))
+    dev = x - mu
+    assert np.sum((state - x) ** 2) / np.sum(dev**2) < 0.02  # error ~1% of the token-specific part
+    _reject(data, E.CenterMismatch, match="none")                        # receiver without means
+    other = type(receiver())(MODEL_FP, TOK_FP, QUANT, HOST, centers={12: mu + 1})
+    _reject(data, E.CenterMismatch, rcv=other, match="centered on mean")  # a different mean
+    assert len(data) <= len(encode_packet(_fp16_packet())) / 3  # +2 bytes of center id, still <= 1/3

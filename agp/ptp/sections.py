@@ -276,9 +276,10 @@ class Payload:
             out.kv_meta = check_blob(kv, "kv summary")
         return out
 
-    def array(self) -> np.ndarray:
-        """The residual as an array (zero-copy view for f32/fp16; TurboQuant reconstructs)."""
-        return qcodec.decode_any(self.residual)
+    def array(self, center=None) -> np.ndarray:
+        """The residual as an array (zero-copy view for f32/fp16; TurboQuant reconstructs, adding
+        `center` back when the blob is centered — Receiver.state picks the right one)."""
+        return qcodec.decode_any(self.residual, center)
 
 
 def check_blob(blob, what: str) -> dict:
