@@ -224,7 +224,8 @@ def test_centered_turboquant_needs_the_same_layer_mean():
     state = good.state(good.receive(data))
     dev = x - mu
     assert np.sum((state - x) ** 2) / np.sum(dev**2) < 0.02  # error ~1% of the token-specific part
-    _reject(data, E.CenterMismatch, match="none")                        # receiver without means
+    bare = type(receiver())(MODEL_FP, TOK_FP, QUANT, HOST)
+    _reject(data, E.CenterMismatch, rcv=bare, match="none")              # receiver without means
     other = type(receiver())(MODEL_FP, TOK_FP, QUANT, HOST, centers={12: mu + 1})
     _reject(data, E.CenterMismatch, rcv=other, match="centered on mean")  # a different mean
     assert len(data) <= len(encode_packet(_fp16_packet())) / 3  # +2 bytes of center id, still <= 1/3
