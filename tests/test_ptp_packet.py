@@ -10,11 +10,11 @@ from agp.errors import AGPError
 from agp.ptp import errors as E
 from agp.ptp.fuzz import HOST, MODEL_FP, QUANT, TOK_FP, receiver, reseal, sample_packet, section_spans
 from agp.ptp.loopback import LoopbackLink, dump, recv_frame
-from agp.ptp.packet import decode_packet, encode_packet, section_sizes
+from agp.ptp.packet import encode_packet, section_sizes
 from agp.ptp.receiver import ReplayWindow
 from agp.ptp.sections import (DEAD_FLAGS, QUANTIZATIONS, Identity, Packet, Payload, Semantic, Trajectory,
                               Vitality, fingerprint8, host_id)
-from agp.quant.codec import FP16, Q8_0
+from agp.quant.codec import FP16
 from agp.quant.turboquant import TurboQuant
 
 f16s = st.floats(-60000, 60000, allow_nan=False, width=16)

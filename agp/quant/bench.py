@@ -30,27 +30,6 @@ class BenchCodecsArgs(ConfigMixin):
     extra: dict = field(default_factory=dict)
 
 
-class Centered(Codec):
-    """Quantize x - mu, add mu back: `mu` is a mean both ends share out of band (e.g. a per-layer mean).
-
-    Measured here to show what Gemma's massive shared channel costs plain TurboQuant (docs/codecs.md).
-    """
-
-    def __init__(self, inner: Codec, mu: np.ndarray):
-        self.inner, self.mu = inner, np.asarray(mu, np.float32)
-        self.name, self.version = inner.name, inner.version
-
-    @property
-    def meta(self) -> dict:
-        return {**self.inner.meta, "centered": True}
-
-    def encode(self, array) -> bytes:
-        return self.inner.encode(np.asarray(array, np.float32) - self.mu)
-
-    def decode(self, blob) -> np.ndarray:
-        return self.inner.decode(blob) + self.mu
-
-
 def make_codec(name: str, dim: int, seed: int = 0, mu: np.ndarray | None = None) -> Codec:
     """A codec from a table name: fp16, q8_0, tq<bits>[-dense|-qjl|-c] (-c: centered on `mu`)."""
     if name == "fp16":
@@ -59,11 +38,9 @@ def make_codec(name: str, dim: int, seed: int = 0, mu: np.ndarray | None = None)
         return Q8_0()
     if name.startswith("tq"):
         bits = int(name[2])
-        tq = TurboQuant(dim, bits, seed=seed, qjl=name.endswith("-qjl"),
-                        rotation="dense" if name.endswith("-dense") else "hadamard")
-        if name.endswith("-c"):
-            return Centered(tq, np.zeros(dim, np.float32) if mu is None else mu)
-        return tq
+        center = (np.zeros(dim, np.float32) if mu is None else mu) if name.endswith("-c") else None
+        return TurboQuant(dim, bits, seed=seed, qjl=name.endswith("-qjl"),
+                          rotation="dense" if name.endswith("-dense") else "hadamard", center=center)
     raise AGPError(f"unknown codec {name!r} in the bench; use {', '.join(CODECS)}")
 
 
