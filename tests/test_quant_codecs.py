@@ -131,5 +131,7 @@ def test_centered_blob_roundtrip_and_mismatch():
         decode_any(blob)
     with pytest.raises(CodecError, match="the mean given"):
         decode_blob(blob, center=mu + 1)
+    with pytest.raises(CodecError, match="centering mean has shape"):
+        decode_blob(blob, center=mu[:10])
     with pytest.raises(CodecError, match="not centered"):
         decode_blob(TurboQuant(64, 4).encode(x), center=mu)

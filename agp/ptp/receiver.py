@@ -86,6 +86,7 @@ class Receiver:
         self.replay = ReplayWindow(self.window, self.max_sessions)
         from agp.quant.turboquant import center_id
         self._center_ids = {int(k): center_id(v) for k, v in (self.centers or {}).items()}
+        self._center_dims = {int(k): int(np.shape(v)[-1]) for k, v in (self.centers or {}).items()}
         self.accepted = 0
 
     def check(self, p: Packet) -> None:
@@ -124,6 +125,9 @@ class Receiver:
             have = self._center_ids.get(idn.layer)
             raise CenterMismatch(f"residual is centered on mean {cid:#06x} for layer {idn.layer}; this receiver has "
                                  f"{'none' if have is None else f'{have:#06x}'} for that layer", "payload")
+        if cid is not None and self._center_dims[idn.layer] != shape[1]:
+            raise CenterMismatch(f"residual width {shape[1]} != the width {self._center_dims[idn.layer]} of this "
+                                 f"receiver's mean for layer {idn.layer}", "payload")
 
     def state(self, p: Packet) -> np.ndarray:
         """The packet's hidden state [span_len, d] (centered blobs get this receiver's layer mean back)."""

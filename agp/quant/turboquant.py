@@ -268,6 +268,8 @@ def _decode(blob, tq: TurboQuant | None, center=None) -> np.ndarray:
         raise CodecError(f"turboquant blob is centered on mean {cid:#06x}: decode it with that mean (center=...)")
     if cid is None and center is not None:
         raise CodecError("turboquant blob is not centered but a center was given: the sender and receiver disagree")
+    if center is not None and np.shape(center) != (dim,):
+        raise CodecError(f"centering mean has shape {np.shape(center)}, the blob's vectors have length {dim}")
     if cid is not None and center_id(center) != cid:
         raise CodecError(f"turboquant blob is centered on mean {cid:#06x}, the mean given is {center_id(center):#06x}")
     if codebook is not None:
