@@ -27,6 +27,7 @@ class BenchCodecsArgs(ConfigMixin):
     repeats: int = 3                 # timing: best of this many
     seed: int = 0
     out: str | None = None           # optional JSON of every row
+    plot: str | None = None          # optional rate-distortion PNG
     extra: dict = field(default_factory=dict)
 
 
@@ -174,7 +175,34 @@ def run_bench(args: BenchCodecsArgs) -> list[dict]:
         rows += table
     if args.out:
         write_json(args.out, {"args": args.to_dict(), "rows": rows})
+    if args.plot:
+        rate_distortion_plot(rows, args.plot)
     return rows
+
+
+def rate_distortion_plot(rows: list[dict], path) -> None:
+    """Packet bytes for one state vs error on the token-specific part (MSE/dev), one line per vector set (d=640)."""
+    import matplotlib.pyplot as plt
+
+    from agp.report.plots import save
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    sources = [s for s in dict.fromkeys(r["source"] for r in rows) if all(r["dim"] == 640 for r in rows if r["source"] == s)]
+    for src, color in zip(sources, ("tab:red", "tab:blue", "tab:green", "tab:purple")):
+        pts = [r for r in rows if r["source"] == src]
+        for r in pts:
+            marker = "s" if r["codec"].endswith("-c") else "^" if "qjl" in r["codec"] else "o"
+            ax.scatter(r["packet_one_vec"], max(r["centered_mse"], 1e-9), color=color, marker=marker, s=28)
+            ax.annotate(r["codec"], (r["packet_one_vec"], max(r["centered_mse"], 1e-9)), fontsize=6,
+                        xytext=(3, 2), textcoords="offset points")
+        ax.plot([], [], "o", color=color, label=src.split(" (")[0])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("AGP-PTP packet bytes for one 640-d state (all sections)")
+    ax.set_ylabel("MSE / token-specific variance")
+    ax.set_title("Rate vs distortion (o plain, ^ QJL, ■ centered on a shared mean)", fontsize=9)
+    ax.legend(fontsize=7)
+    save(fig, path)
 
 
 def add_arguments(p) -> None:
@@ -191,6 +219,7 @@ def add_arguments(p) -> None:
     p.add_argument("--codecs", default=",".join(CODECS), help="codecs to compare")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (best is reported)")
     p.add_argument("--out", default=None, help="also write every row to this JSON file")
+    p.add_argument("--plot", default=None, help="also draw packet bytes vs distortion (PNG) for the 640-d sets")
 
 
 def _ints(s: str) -> tuple:
@@ -204,5 +233,5 @@ def main(args) -> int:
     run_bench(BenchCodecsArgs(source=args.source, dims=_ints(args.dims), n=args.n, layers=_ints(args.layers),
                               per_source=args.per_source, max_tokens=args.max_tokens,
                               codecs=tuple(c.strip() for c in args.codecs.split(",") if c.strip()),
-                              repeats=args.repeats, out=args.out))
+                              repeats=args.repeats, out=args.out, plot=args.plot))
     return 0
