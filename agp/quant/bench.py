@@ -181,13 +181,14 @@ def run_bench(args: BenchCodecsArgs) -> list[dict]:
 
 
 def rate_distortion_plot(rows: list[dict], path) -> None:
-    """Packet bytes for one state vs error on the token-specific part (MSE/dev), one line per vector set (d=640)."""
+    """Packet bytes for one state vs error on the token-specific part (MSE/dev), per vector set of the first width."""
     import matplotlib.pyplot as plt
 
     from agp.report.plots import save
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    sources = [s for s in dict.fromkeys(r["source"] for r in rows) if all(r["dim"] == 640 for r in rows if r["source"] == s)]
+    dim0 = rows[0]["dim"]  # one width per plot (packet sizes of different widths do not compare)
+    sources = [s for s in dict.fromkeys(r["source"] for r in rows) if all(r["dim"] == dim0 for r in rows if r["source"] == s)]
     for src, color in zip(sources, ("tab:red", "tab:blue", "tab:green", "tab:purple")):
         pts = [r for r in rows if r["source"] == src]
         for r in pts:
@@ -198,7 +199,7 @@ def rate_distortion_plot(rows: list[dict], path) -> None:
         ax.plot([], [], "o", color=color, label=src.split(" (")[0])
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("AGP-PTP packet bytes for one 640-d state (all sections)")
+    ax.set_xlabel(f"AGP-PTP packet bytes for one {dim0}-d state (all sections)")
     ax.set_ylabel("MSE / token-specific variance")
     ax.set_title("Rate vs distortion (o plain, ^ QJL, ■ centered on a shared mean)", fontsize=9)
     ax.legend(fontsize=7)
@@ -219,7 +220,7 @@ def add_arguments(p) -> None:
     p.add_argument("--codecs", default=",".join(CODECS), help="codecs to compare")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (best is reported)")
     p.add_argument("--out", default=None, help="also write every row to this JSON file")
-    p.add_argument("--plot", default=None, help="also draw packet bytes vs distortion (PNG) for the 640-d sets")
+    p.add_argument("--plot", default=None, help="also draw packet bytes vs distortion (PNG) for the sets of the first width")
 
 
 def _ints(s: str) -> tuple:
