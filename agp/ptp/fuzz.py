@@ -354,6 +354,10 @@ def format_report(res: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Mutate valid AGP-PTP packets (truncation, bit flips, absurd lengths, wrong magic/version, "
+                     "unknown codecs, fingerprint mismatches, re-sealed section damage, garbage, replays) and count "
+                     "how the receiver answers. Exit status 1 if any input was accepted wrongly, crashed the "
+                     "decoder (an exception that is not a PTPError) or took longer than --max-ms.")
     p.add_argument("--n", type=int, default=FuzzArgs.n, help="mutated packets to try (default %(default)s)")
     p.add_argument("--seed", type=int, default=FuzzArgs.seed, help="random seed (the campaign is reproducible)")
     p.add_argument("--max-ms", type=float, default=FuzzArgs.max_ms, help="per-decode time counted as a hang")
