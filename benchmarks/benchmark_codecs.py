@@ -1,12 +1,10 @@
 """asv: codec payload bytes (track_), encode/decode time (time_) and peak memory (peakmem_) at 640/1536/2048."""
-import numpy as np
 
 from agp.quant.bench import make_codec, measure, synthetic
 from agp.quant.codec import decode_any
 
 CODECS = ["fp16", "q8_0", "tq2", "tq3", "tq4", "tq8", "tq4-qjl"]
 DIMS = [640, 1536, 2048]
-
 
 class Codecs:
     """One hidden state (the packet case) and a batch of 256 (throughput)."""
@@ -49,7 +47,6 @@ class Codecs:
         return one_packet_bytes(self.codec, self.x1)
 
     track_packet_bytes_one_vector.unit = "bytes"
-
 
 class Distortion:
     """Quality figures tracked over time (a regression in the codebook or rotation shows here)."""

@@ -37,3 +37,10 @@ STAGE1_CONTROL_RISE_MAX = 0.10
 STAGE1_REPRODUCE_NLL_ABS = 1e-5
 STAGE1_MIN_EVAL_TOKENS = 200
 STAGE1_PEAK_MEMORY_GB_MAX = 8.0
+# TurboQuant 4-bit on real Gemma 3 270M states (agp bench codecs, 00:50 UTC 2026-11-29, 1441 prompt-pack tokens):
+# mean cosine 0.9948 after layer 12 and 0.9956 after layer 6 -> floor 0.99 (tests/test_quant_bench.py, slow).
+TQ4_REAL_COS_MIN = 0.99
+# Centering on a shared per-layer mean cut MSE/dev from 9.1e-2 to 9.5e-3 (layer 12) and 1.03e-1 to 9.6e-3
+# (layer 6), i.e. 9.6x and 10.7x; the test (3 prompts, 48 tokens) asks for at least 4x.
+TQ_CENTERING_GAIN_MIN = 4.0
+# --- end issue 5 ---------------------------------------------------------------------------------

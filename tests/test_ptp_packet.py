@@ -10,11 +10,11 @@ from agp.errors import AGPError
 from agp.ptp import errors as E
 from agp.ptp.fuzz import HOST, MODEL_FP, QUANT, TOK_FP, receiver, reseal, sample_packet, section_spans
 from agp.ptp.loopback import LoopbackLink, dump, recv_frame
-from agp.ptp.packet import decode_packet, encode_packet, section_sizes
+from agp.ptp.packet import encode_packet, section_sizes
 from agp.ptp.receiver import ReplayWindow
 from agp.ptp.sections import (DEAD_FLAGS, QUANTIZATIONS, Identity, Packet, Payload, Semantic, Trajectory,
                               Vitality, fingerprint8, host_id)
-from agp.quant.codec import FP16, Q8_0
+from agp.quant.codec import FP16
 from agp.quant.turboquant import TurboQuant
 
 f16s = st.floats(-60000, 60000, allow_nan=False, width=16)
@@ -210,3 +210,22 @@ def test_loopback_link_roundtrip_and_dump():
         with pytest.raises(E.LengthMismatch, match="frame claims"):
             recv_frame(link._rx)
     assert dump(encode_packet(pkt))["magic"] == "AGPP"
+
+
+def test_centered_turboquant_needs_the_same_layer_mean():
+    rng = np.random.default_rng(0)
+    mu = rng.standard_normal(640).astype(np.float32) * 50
+    mu[163] = 9000.0  # the massive shared channel of Gemma's residual stream
+    x = (mu + rng.standard_normal((1, 640)).astype(np.float32) * 5)
+    pkt = _fp16_packet()
+    pkt.payload = Payload(TurboQuant(640, 4, center=mu).encode(x))
+    data = encode_packet(pkt)
+    good = type(receiver())(MODEL_FP, TOK_FP, QUANT, HOST, centers={12: mu})
+    state = good.state(good.receive(data))
+    dev = x - mu
+    assert np.sum((state - x) ** 2) / np.sum(dev**2) < 0.02  # error ~1% of the token-specific part
+    bare = type(receiver())(MODEL_FP, TOK_FP, QUANT, HOST)
+    _reject(data, E.CenterMismatch, rcv=bare, match="none")              # receiver without means
+    other = type(receiver())(MODEL_FP, TOK_FP, QUANT, HOST, centers={12: mu + 1})
+    _reject(data, E.CenterMismatch, rcv=other, match="centered on mean")  # a different mean
+    assert len(data) <= len(encode_packet(_fp16_packet())) / 3  # +2 bytes of center id, still <= 1/3

@@ -1,6 +1,5 @@
 """Done-when of issue 5: a 4-bit TurboQuant packet of one 640-d hidden state is at most 1/3 of its fp16
 packet, headers and all five sections included."""
-import dataclasses
 
 import numpy as np
 

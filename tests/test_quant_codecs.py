@@ -115,3 +115,23 @@ def test_parameter_mismatch_is_rejected():
 def test_non_finite_input_is_refused():
     with pytest.raises(CodecError, match="NaN or Inf"):
         FP16().encode(np.array([1.0, np.nan], np.float32))
+
+
+def test_centered_blob_roundtrip_and_mismatch():
+    from agp.quant.turboquant import decode_blob
+    mu = np.linspace(-100, 100, 64, dtype=np.float32)
+    x = mu + np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    tq = TurboQuant(64, 4, center=mu)
+    blob = tq.encode(x)
+    assert len(blob) == len(TurboQuant(64, 4).encode(x)) + 2
+    np.testing.assert_allclose(tq.decode(blob), decode_blob(blob, center=mu))
+    assert ((tq.decode(blob) - x) ** 2).sum() / ((x - mu) ** 2).sum() < 0.02
+    np.testing.assert_allclose(tq.decode_batch(*tq.encode_batch(x)), tq.decode(blob), rtol=1e-5, atol=1e-4)
+    with pytest.raises(CodecError, match="decode it with that mean"):
+        decode_any(blob)
+    with pytest.raises(CodecError, match="the mean given"):
+        decode_blob(blob, center=mu + 1)
+    with pytest.raises(CodecError, match="centering mean has shape"):
+        decode_blob(blob, center=mu[:10])
+    with pytest.raises(CodecError, match="not centered"):
+        decode_blob(TurboQuant(64, 4).encode(x), center=mu)

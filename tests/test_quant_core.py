@@ -25,6 +25,24 @@ def test_rotation_is_orthogonal_and_invertible(dim, padded, kind):
     np.testing.assert_allclose(y @ y.T, x @ x.T, rtol=1e-4, atol=1e-3)
 
 
+def _butterfly(y, block):
+    # the textbook in-place fast Walsh-Hadamard transform, orthonormal
+    y = y.reshape(-1, block).astype(np.float64).copy()
+    h = 1
+    while h < block:
+        v = y.reshape(-1, block // (2 * h), 2, h)
+        y = np.stack((v[:, :, 0] + v[:, :, 1], v[:, :, 0] - v[:, :, 1]), axis=2).reshape(-1, block)
+        h *= 2
+    return y / np.sqrt(block)
+
+
+@pytest.mark.parametrize("block", [2, 64, 128, 256, 512, 2048, 4096, 32768])
+def test_fwht_equals_the_butterfly(block):
+    from agp.quant.rotation import fwht
+    y = np.random.default_rng(block).standard_normal((3, 2 * block)).astype(np.float32)
+    np.testing.assert_allclose(fwht(y, block), _butterfly(y, block).reshape(3, 2 * block), atol=2e-5)
+
+
 def test_rotation_is_seeded():
     x = np.ones((1, 640), np.float32)
     assert np.array_equal(Rotation(640, 1).apply(x), Rotation(640, 1).apply(x))

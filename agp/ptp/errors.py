@@ -64,3 +64,7 @@ class LoopbackMismatch(PTPError):
 
 class ReplayRejected(PTPError):
     reason = "replay"
+
+
+class CenterMismatch(PTPError):
+    reason = "center"

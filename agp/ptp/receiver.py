@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+
+import numpy as np
 from dataclasses import dataclass, field
 
-from agp.ptp.errors import (CodecVersionMismatch, FingerprintMismatch, HostMismatch, LoopbackMismatch,
+from agp.ptp.errors import (CenterMismatch, CodecVersionMismatch, FingerprintMismatch, HostMismatch, LoopbackMismatch,
                             MalformedSection, ReplayRejected, UnknownCodec)
 from agp.ptp.packet import decode_packet
 from agp.ptp.sections import Packet, fingerprint8, host_id
@@ -75,12 +77,16 @@ class Receiver:
     max_sessions: int = 4096
     loopback: bool = False
     hidden_size: int | None = None  # when set, the residual must be [span_len, hidden_size]
+    centers: dict | None = None     # layer -> mean vector, for TurboQuant blobs centered on a per-layer mean
 
     def __post_init__(self):
         self._model, self._tok = fingerprint8(self.model_fp), fingerprint8(self.tokenizer_fp)
         self._host = host_id(self.host)
         self._codecs = {CODEC_IDS[k]: set(v) for k, v in self.codecs.items()}
         self.replay = ReplayWindow(self.window, self.max_sessions)
+        from agp.quant.turboquant import center_id
+        self._center_ids = {int(k): center_id(v) for k, v in (self.centers or {}).items()}
+        self._center_dims = {int(k): int(np.shape(v)[-1]) for k, v in (self.centers or {}).items()}
         self.accepted = 0
 
     def check(self, p: Packet) -> None:
@@ -113,6 +119,20 @@ class Receiver:
         # it build rotations/codebooks for arbitrary sizes
         if self.hidden_size is not None and shape[1] != self.hidden_size:
             raise FingerprintMismatch(f"residual width {shape[1]} != this model's hidden size {self.hidden_size}", "payload")
+
+        cid = p.payload.meta.get("center_id")
+        if cid is not None and self._center_ids.get(idn.layer) != cid:
+            have = self._center_ids.get(idn.layer)
+            raise CenterMismatch(f"residual is centered on mean {cid:#06x} for layer {idn.layer}; this receiver has "
+                                 f"{'none' if have is None else f'{have:#06x}'} for that layer", "payload")
+        if cid is not None and self._center_dims[idn.layer] != shape[1]:
+            raise CenterMismatch(f"residual width {shape[1]} != the width {self._center_dims[idn.layer]} of this "
+                                 f"receiver's mean for layer {idn.layer}", "payload")
+
+    def state(self, p: Packet) -> np.ndarray:
+        """The packet's hidden state [span_len, d] (centered blobs get this receiver's layer mean back)."""
+        center = (self.centers or {}).get(p.identity.layer) if p.payload.meta.get("center_id") is not None else None
+        return p.payload.array(center)
 
     def receive(self, data) -> Packet:
         """Decode, check and replay-filter one packet; returns it or raises a PTPError subclass."""

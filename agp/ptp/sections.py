@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -52,11 +53,12 @@ def _f16(values, what: str) -> bytes:
     return a.astype("<f2").tobytes()
 
 
-def _read_f16(buf, off: int, n: int, section: str) -> np.ndarray:
-    a = np.frombuffer(buf, "<f2", n, off)
-    if not np.all(np.isfinite(a)):
+def _read_f16(buf, off: int, n: int, section: str) -> tuple:
+    # a handful of values: struct is several times cheaper than building a NumPy array
+    vals = struct.unpack_from(f"<{n}e", buf, off)
+    if not all(map(math.isfinite, vals)):
         raise MalformedSection(f"non-finite f16 value in {section} section", section)
-    return a
+    return vals
 
 
 def _exact(buf, need: int, section: str) -> None:
@@ -213,7 +215,10 @@ class Semantic:
         off, lists = 5, []
         for n, dt, what in ((np_, PRIM, "primitive"), (ni, PRIM, "invariant"), (nb, BUNDLE, "bundle")):
             a = np.frombuffer(buf, dt, n, off)  # zero-copy view
-            if np.any(np.diff(a["id"].astype(np.int64)) <= 0):
+            if n == 0:
+                lists.append(a)
+                continue
+            if n > 1 and np.any(np.diff(a["id"].astype(np.int64)) <= 0):
                 raise MalformedSection(f"{what} ids not strictly increasing at semantic offset {off}", s)
             if not np.all(np.isfinite(a[dt.names[1]])):
                 raise MalformedSection(f"non-finite {what} value at semantic offset {off}", s)
@@ -276,9 +281,10 @@ class Payload:
             out.kv_meta = check_blob(kv, "kv summary")
         return out
 
-    def array(self) -> np.ndarray:
-        """The residual as an array (zero-copy view for f32/fp16; TurboQuant reconstructs)."""
-        return qcodec.decode_any(self.residual)
+    def array(self, center=None) -> np.ndarray:
+        """The residual as an array (zero-copy view for f32/fp16; TurboQuant reconstructs, adding
+        `center` back when the blob is centered — Receiver.state picks the right one)."""
+        return qcodec.decode_any(self.residual, center)
 
 
 def check_blob(blob, what: str) -> dict:

@@ -27,28 +27,8 @@ class BenchCodecsArgs(ConfigMixin):
     repeats: int = 3                 # timing: best of this many
     seed: int = 0
     out: str | None = None           # optional JSON of every row
+    plot: str | None = None          # optional rate-distortion PNG
     extra: dict = field(default_factory=dict)
-
-
-class Centered(Codec):
-    """Quantize x - mu, add mu back: `mu` is a mean both ends share out of band (e.g. a per-layer mean).
-
-    Measured here to show what Gemma's massive shared channel costs plain TurboQuant (docs/codecs.md).
-    """
-
-    def __init__(self, inner: Codec, mu: np.ndarray):
-        self.inner, self.mu = inner, np.asarray(mu, np.float32)
-        self.name, self.version = inner.name, inner.version
-
-    @property
-    def meta(self) -> dict:
-        return {**self.inner.meta, "centered": True}
-
-    def encode(self, array) -> bytes:
-        return self.inner.encode(np.asarray(array, np.float32) - self.mu)
-
-    def decode(self, blob) -> np.ndarray:
-        return self.inner.decode(blob) + self.mu
 
 
 def make_codec(name: str, dim: int, seed: int = 0, mu: np.ndarray | None = None) -> Codec:
@@ -59,11 +39,9 @@ def make_codec(name: str, dim: int, seed: int = 0, mu: np.ndarray | None = None)
         return Q8_0()
     if name.startswith("tq"):
         bits = int(name[2])
-        tq = TurboQuant(dim, bits, seed=seed, qjl=name.endswith("-qjl"),
-                        rotation="dense" if name.endswith("-dense") else "hadamard")
-        if name.endswith("-c"):
-            return Centered(tq, np.zeros(dim, np.float32) if mu is None else mu)
-        return tq
+        center = (np.zeros(dim, np.float32) if mu is None else mu) if name.endswith("-c") else None
+        return TurboQuant(dim, bits, seed=seed, qjl=name.endswith("-qjl"),
+                          rotation="dense" if name.endswith("-dense") else "hadamard", center=center)
     raise AGPError(f"unknown codec {name!r} in the bench; use {', '.join(CODECS)}")
 
 
@@ -197,7 +175,35 @@ def run_bench(args: BenchCodecsArgs) -> list[dict]:
         rows += table
     if args.out:
         write_json(args.out, {"args": args.to_dict(), "rows": rows})
+    if args.plot:
+        rate_distortion_plot(rows, args.plot)
     return rows
+
+
+def rate_distortion_plot(rows: list[dict], path) -> None:
+    """Packet bytes for one state vs error on the token-specific part (MSE/dev), per vector set of the first width."""
+    import matplotlib.pyplot as plt
+
+    from agp.report.plots import save
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    dim0 = rows[0]["dim"]  # one width per plot (packet sizes of different widths do not compare)
+    sources = [s for s in dict.fromkeys(r["source"] for r in rows) if all(r["dim"] == dim0 for r in rows if r["source"] == s)]
+    for src, color in zip(sources, ("tab:red", "tab:blue", "tab:green", "tab:purple")):
+        pts = [r for r in rows if r["source"] == src]
+        for r in pts:
+            marker = "s" if r["codec"].endswith("-c") else "^" if "qjl" in r["codec"] else "o"
+            ax.scatter(r["packet_one_vec"], max(r["centered_mse"], 1e-9), color=color, marker=marker, s=28)
+            ax.annotate(r["codec"], (r["packet_one_vec"], max(r["centered_mse"], 1e-9)), fontsize=6,
+                        xytext=(3, 2), textcoords="offset points")
+        ax.plot([], [], "o", color=color, label=src.split(" (")[0])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"AGP-PTP packet bytes for one {dim0}-d state (all sections)")
+    ax.set_ylabel("MSE / token-specific variance")
+    ax.set_title("Rate vs distortion (o plain, ^ QJL, ■ centered on a shared mean)", fontsize=9)
+    ax.legend(fontsize=7)
+    save(fig, path)
 
 
 def add_arguments(p) -> None:
@@ -214,6 +220,7 @@ def add_arguments(p) -> None:
     p.add_argument("--codecs", default=",".join(CODECS), help="codecs to compare")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (best is reported)")
     p.add_argument("--out", default=None, help="also write every row to this JSON file")
+    p.add_argument("--plot", default=None, help="also draw packet bytes vs distortion (PNG) for the sets of the first width")
 
 
 def _ints(s: str) -> tuple:
@@ -227,5 +234,5 @@ def main(args) -> int:
     run_bench(BenchCodecsArgs(source=args.source, dims=_ints(args.dims), n=args.n, layers=_ints(args.layers),
                               per_source=args.per_source, max_tokens=args.max_tokens,
                               codecs=tuple(c.strip() for c in args.codecs.split(",") if c.strip()),
-                              repeats=args.repeats, out=args.out))
+                              repeats=args.repeats, out=args.out, plot=args.plot))
     return 0

@@ -218,12 +218,13 @@ def get_codec(name: str, **params) -> Codec:
     return table[name]()
 
 
-def decode_any(blob) -> np.ndarray:
-    """Decode any codec blob by the id in its first byte (TurboQuant parameters come from the blob)."""
+def decode_any(blob, center=None) -> np.ndarray:
+    """Decode any codec blob by the id in its first byte (TurboQuant parameters come from the blob;
+    a centered TurboQuant blob needs the same `center` mean it was encoded with)."""
     cid, _, _, _ = read_header(blob)
     if CODEC_NAMES[cid] == "turboquant":
         from agp.quant.turboquant import decode_blob
-        return decode_blob(blob)
+        return decode_blob(blob, center)
     return get_codec(CODEC_NAMES[cid]).decode(blob)
 
 
