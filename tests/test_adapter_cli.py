@@ -131,3 +131,17 @@ def test_stage_with_user_source_and_bad_source(tiny_model_dir, tmp_path, capsys)
                "--no-gates", "--source", str(tmp_path / "missing")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     assert not (Path(root / "latest").resolve() / "adapter" / "data").exists()
+
+
+def test_nll_is_the_same_with_and_without_the_lens_pass(tiny_run, tiny_model_dir):
+    """The gate may score without the lens (cheaper): both paths must give the same number."""
+    from agp.backbone.backbone import load
+    from agp.data.build import load_lane
+    from agp.train import nll
+    _, man = tiny_run
+    rec = man["stages"]["adapter"]
+    bb = load.__wrapped__(tiny_model_dir["gemma3_text"], adapter=rec["artifacts"]["adapter_dir"])
+    rows = load_lane(rec["artifacts"]["data_dir"], "sft", "heldout")[:3]
+    seqs = nll.encode_rows(bb, rows, 160)
+    a, b = nll.evaluate(bb, seqs, 0), nll.evaluate(bb, seqs, 4)
+    assert a["nll"] == b["nll"] and a["per_seq_nll"] == b["per_seq_nll"] and "lens" in b and "lens" not in a
