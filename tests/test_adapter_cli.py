@@ -123,14 +123,16 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_model_dir, tmp_pa
     assert tuner.Checkpoints(tmp_path / "cut", "other").load() is None
 
 
-def test_stage_with_user_source_and_bad_source(tiny_model_dir, tmp_path, capsys):
-    root = tmp_path / "runs"
-    assert main(["run", "--stage", "baseline", "--runs", str(root), "--model", tiny_model_dir["gemma3_text"],
-                 "--no-gates", "--baseline-prompts", "1", "--baseline-decode-tokens", "2"]) == 0
-    rc = main(["run", "--stage", "adapter", "--runs", str(root), "--model", tiny_model_dir["gemma3_text"],
+def test_stage_with_a_missing_source_fails_cleanly_and_keeps_the_data(tiny_run, tiny_model_dir, tmp_path, capsys):
+    run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = (copy / "adapter" / "data" / "manifest.json").read_text()
+    rc = main(["run", "--stage", "adapter", "--run-dir", str(copy), "--model", tiny_model_dir["gemma3_text"],
                "--no-gates", "--source", str(tmp_path / "missing")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
-    assert not (Path(root / "latest").resolve() / "adapter" / "data").exists()
+    assert (copy / "adapter" / "data" / "manifest.json").read_text() == before
+    assert json.loads((copy / "manifest.json").read_text())["stages"]["adapter"]["status"] == "failed"
 
 
 def test_nll_is_the_same_with_and_without_the_lens_pass(tiny_run, tiny_model_dir):
