@@ -43,7 +43,7 @@ class AdapterArgs(ConfigMixin):
     iters: int = 16               # optimizer steps (CI-sized; see docs/adapter.md for a real run)
     batch_size: int = 2
     max_seq: int = 64             # tokens per sequence (longer rows are cut; bounds the [B, T, 262144] logits)
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-4
     warmup: int = 2
     seed: int = 0
     checkpoint_every: int = 8     # steps between checkpoints
