@@ -147,3 +147,26 @@ def test_nll_is_the_same_with_and_without_the_lens_pass(tiny_run, tiny_model_dir
     seqs = nll.encode_rows(bb, rows, 160)
     a, b = nll.evaluate(bb, seqs, 0), nll.evaluate(bb, seqs, 4)
     assert a["nll"] == b["nll"] and a["per_seq_nll"] == b["per_seq_nll"] and "lens" in b and "lens" not in a
+
+
+def test_dora_adapter_saves_and_reloads(tiny_model_dir, tmp_path):
+    import mlx.core as mx
+
+    from agp.backbone.backbone import load
+    from agp.data.build import DataArgs, build, load_lane
+    from agp.train import nll, tuner
+
+    build(DataArgs(source=str(FX)), tmp_path / "d")
+    rows = load_lane(tmp_path / "d", "sft", "train")
+    bb = load.__wrapped__(tiny_model_dir["gemma3_text"])
+    mx.random.seed(0)
+    cfg = tuner.attach(bb.model, "dora", 2, 4, 10.0, 0.0)
+    seqs = nll.encode_rows(bb, rows, 160)
+    (tmp_path / "ck").mkdir()
+    tuner.fit(bb.model, seqs, iters=2, batch_size=2, max_seq=160, learning_rate=1e-3, warmup=0, seed=0,
+              ckpt=tuner.Checkpoints(tmp_path / "ck", "x"), every=0)
+    want = nll.evaluate(bb, seqs[:3])["nll"]
+    tuner.save_adapter(tmp_path / "ad", bb.model, cfg, {"base_fingerprint": bb.fingerprint})
+    again = load.__wrapped__(tiny_model_dir["gemma3_text"], adapter=str(tmp_path / "ad"))
+    assert cfg["fine_tune_type"] == "dora"
+    assert nll.evaluate(again, seqs[:3])["nll"] == want
