@@ -50,6 +50,7 @@ class AdapterArgs(ConfigMixin):
     eval_rows: int = 6            # held-out SFT rows scored (sorted by id, the first N)
     control_rows: int = 4         # control paragraphs scored
     lens_positions: int = 4       # positions per held-out row read through the logit lens
+    lens_rows: int = 3            # held-out rows that get the lens pass (a 262144-wide head per layer)
     source: str | None = None     # transcripts directory; None = offline default corpus
     source_format: str | None = None
 
@@ -145,7 +146,7 @@ def run(run, args) -> dict:
     base_path = ckpt.root / "base_eval.json"
     base = json.loads(base_path.read_text()) if base_path.exists() else {}
     if base.get("ident") != ident:
-        base = {"ident": ident, "heldout": nll.evaluate(bb, held_set, cfg.lens_positions, "base held-out"),
+        base = {"ident": ident, "heldout": nll.evaluate(bb, held_set, cfg.lens_positions, "base held-out", cfg.lens_rows),
                 "control": nll.evaluate(bb, ctrl_set, 0, "base control")}
         io.write_json(base_path, base)
 
@@ -159,7 +160,7 @@ def run(run, args) -> dict:
                     every=cfg.checkpoint_every)
     train_seconds = time.perf_counter() - t_train
     peak_gb = mx.get_peak_memory() / 2**30
-    tuned = {"heldout": nll.evaluate(bb, held_set, cfg.lens_positions, "tuned held-out"),
+    tuned = {"heldout": nll.evaluate(bb, held_set, cfg.lens_positions, "tuned held-out", cfg.lens_rows),
              "control": nll.evaluate(bb, ctrl_set, 0, "tuned control")}
 
     blocks = list(range(bb.n_layers - min(cfg.blocks, bb.n_layers), bb.n_layers))
@@ -187,7 +188,8 @@ def run(run, args) -> dict:
                     "weights_sha256": io.sha256_file(adapter_dir / "adapters.safetensors")},
         "eval": ev,
         "eval_set": {"heldout_ids": [r["id"] for r in held], "control_rows": cfg.control_rows,
-                     "max_seq": cfg.max_seq, "lens_positions": cfg.lens_positions},
+                     "max_seq": cfg.max_seq, "lens_positions": cfg.lens_positions,
+                     "lens_rows": cfg.lens_rows},
         "lens": {"base": base["heldout"].get("lens"), "tuned": tuned["heldout"].get("lens")},
         "train": {"steps": cfg.iters, "resumed_from": fit["resumed_from"], "seconds": round(train_seconds, 2),
                   "step_seconds_median": float(np.median(steps_timed)) if steps_timed else None,
