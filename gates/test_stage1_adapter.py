@@ -50,7 +50,8 @@ def test_adapter_reloads_and_reproduces_the_saved_evaluation(rec, agp_run):
     spec = m["eval_set"]
     held = {r["id"]: r for r in load_lane(rec["artifacts"]["data_dir"], "sft", "heldout")}
     rows = [held[i] for i in spec["heldout_ids"]]
-    again = nll.evaluate(bb, nll.encode_rows(bb, rows, spec["max_seq"]), spec["lens_positions"], "gate reload")
+    # without the lens pass: the NLL is the same number (tests/test_adapter_cli.py checks), and cheaper
+    again = nll.evaluate(bb, nll.encode_rows(bb, rows, spec["max_seq"]), 0, "gate reload")
     saved = m["eval"]["heldout"]
     assert again["tokens"] == saved["tokens"]
     assert abs(again["nll"] - saved["tuned_nll"]) <= T.STAGE1_REPRODUCE_NLL_ABS, (

@@ -123,11 +123,50 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_model_dir, tmp_pa
     assert tuner.Checkpoints(tmp_path / "cut", "other").load() is None
 
 
-def test_stage_with_user_source_and_bad_source(tiny_model_dir, tmp_path, capsys):
-    root = tmp_path / "runs"
-    assert main(["run", "--stage", "baseline", "--runs", str(root), "--model", tiny_model_dir["gemma3_text"],
-                 "--no-gates", "--baseline-prompts", "1", "--baseline-decode-tokens", "2"]) == 0
-    rc = main(["run", "--stage", "adapter", "--runs", str(root), "--model", tiny_model_dir["gemma3_text"],
+def test_stage_with_a_missing_source_fails_cleanly_and_keeps_the_data(tiny_run, tiny_model_dir, tmp_path, capsys):
+    run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = (copy / "adapter" / "data" / "manifest.json").read_text()
+    rc = main(["run", "--stage", "adapter", "--run-dir", str(copy), "--model", tiny_model_dir["gemma3_text"],
                "--no-gates", "--source", str(tmp_path / "missing")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
-    assert not (Path(root / "latest").resolve() / "adapter" / "data").exists()
+    assert (copy / "adapter" / "data" / "manifest.json").read_text() == before
+    assert json.loads((copy / "manifest.json").read_text())["stages"]["adapter"]["status"] == "failed"
+
+
+def test_nll_is_the_same_with_and_without_the_lens_pass(tiny_run, tiny_model_dir):
+    """The gate may score without the lens (cheaper): both paths must give the same number."""
+    from agp.backbone.backbone import load
+    from agp.data.build import load_lane
+    from agp.train import nll
+    _, man = tiny_run
+    rec = man["stages"]["adapter"]
+    bb = load.__wrapped__(tiny_model_dir["gemma3_text"], adapter=rec["artifacts"]["adapter_dir"])
+    rows = load_lane(rec["artifacts"]["data_dir"], "sft", "heldout")[:3]
+    seqs = nll.encode_rows(bb, rows, 160)
+    a, b = nll.evaluate(bb, seqs, 0), nll.evaluate(bb, seqs, 4)
+    assert a["nll"] == b["nll"] and a["per_seq_nll"] == b["per_seq_nll"] and "lens" in b and "lens" not in a
+
+
+def test_dora_adapter_saves_and_reloads(tiny_model_dir, tmp_path):
+    import mlx.core as mx
+
+    from agp.backbone.backbone import load
+    from agp.data.build import DataArgs, build, load_lane
+    from agp.train import nll, tuner
+
+    build(DataArgs(source=str(FX)), tmp_path / "d")
+    rows = load_lane(tmp_path / "d", "sft", "train")
+    bb = load.__wrapped__(tiny_model_dir["gemma3_text"])
+    mx.random.seed(0)
+    cfg = tuner.attach(bb.model, "dora", 2, 4, 10.0, 0.0)
+    seqs = nll.encode_rows(bb, rows, 160)
+    (tmp_path / "ck").mkdir()
+    tuner.fit(bb.model, seqs, iters=2, batch_size=2, max_seq=160, learning_rate=1e-3, warmup=0, seed=0,
+              ckpt=tuner.Checkpoints(tmp_path / "ck", "x"), every=0)
+    want = nll.evaluate(bb, seqs[:3])["nll"]
+    tuner.save_adapter(tmp_path / "ad", bb.model, cfg, {"base_fingerprint": bb.fingerprint})
+    again = load.__wrapped__(tiny_model_dir["gemma3_text"], adapter=str(tmp_path / "ad"))
+    assert cfg["fine_tune_type"] == "dora"
+    assert nll.evaluate(again, seqs[:3])["nll"] == want

@@ -40,16 +40,17 @@ class AdapterArgs(ConfigMixin):
     scale: float = 20.0           # mlx-lm's LoRA scale (alpha / rank)
     dropout: float = 0.0
     blocks: int = 4               # adapters on the last N transformer blocks
-    iters: int = 24               # optimizer steps
+    iters: int = 16               # optimizer steps (CI-sized; see docs/adapter.md for a real run)
     batch_size: int = 2
-    max_seq: int = 96             # tokens per sequence (longer rows are cut; bounds the [B, T, 262144] logits)
-    learning_rate: float = 2e-4
+    max_seq: int = 64             # tokens per sequence (longer rows are cut; bounds the [B, T, 262144] logits)
+    learning_rate: float = 1e-4
     warmup: int = 2
     seed: int = 0
     checkpoint_every: int = 8     # steps between checkpoints
-    eval_rows: int = 10           # held-out SFT rows scored (sorted by id, the first N)
-    control_rows: int = 8         # control paragraphs scored
-    lens_positions: int = 8       # positions per held-out row read through the logit lens
+    eval_rows: int = 6            # held-out SFT rows scored (sorted by id, the first N)
+    control_rows: int = 4         # control paragraphs scored
+    lens_positions: int = 4       # positions per held-out row read through the logit lens
+    lens_rows: int = 3            # held-out rows that get the lens pass (a 262144-wide head per layer)
     source: str | None = None     # transcripts directory; None = offline default corpus
     source_format: str | None = None
 
@@ -77,6 +78,8 @@ def add_arguments(p):
     p.add_argument("--adapter-lr", type=float, default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
     p.add_argument("--adapter-eval-rows", type=int, default=d.eval_rows, metavar="N",
                    help=f"held-out rows scored before/after (default {d.eval_rows})")
+    p.add_argument("--adapter-control-rows", type=int, default=d.control_rows, metavar="N",
+                   help=f"control paragraphs scored before/after (default {d.control_rows}, at most 16)")
     p.add_argument("--adapter-checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
                    help=f"steps between checkpoints (default {d.checkpoint_every})")
 
@@ -89,8 +92,9 @@ def config_from(args) -> AdapterArgs:
                       batch_size=g("adapter_batch", d.batch_size), max_seq=g("adapter_max_seq", d.max_seq),
                       learning_rate=g("adapter_lr", d.learning_rate), eval_rows=g("adapter_eval_rows", d.eval_rows),
                       checkpoint_every=g("adapter_checkpoint_every", d.checkpoint_every),
+                      control_rows=g("adapter_control_rows", d.control_rows),
                       source=g("source", None), source_format=g("source_format", None))
-    for name in ("rank", "blocks", "iters", "batch_size", "max_seq", "eval_rows"):
+    for name in ("rank", "blocks", "iters", "batch_size", "max_seq", "eval_rows", "control_rows"):
         if getattr(cfg, name) < 1:
             raise AGPError(f"--adapter-{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     return cfg
@@ -142,7 +146,7 @@ def run(run, args) -> dict:
     base_path = ckpt.root / "base_eval.json"
     base = json.loads(base_path.read_text()) if base_path.exists() else {}
     if base.get("ident") != ident:
-        base = {"ident": ident, "heldout": nll.evaluate(bb, held_set, cfg.lens_positions, "base held-out"),
+        base = {"ident": ident, "heldout": nll.evaluate(bb, held_set, cfg.lens_positions, "base held-out", cfg.lens_rows),
                 "control": nll.evaluate(bb, ctrl_set, 0, "base control")}
         io.write_json(base_path, base)
 
@@ -156,7 +160,7 @@ def run(run, args) -> dict:
                     every=cfg.checkpoint_every)
     train_seconds = time.perf_counter() - t_train
     peak_gb = mx.get_peak_memory() / 2**30
-    tuned = {"heldout": nll.evaluate(bb, held_set, cfg.lens_positions, "tuned held-out"),
+    tuned = {"heldout": nll.evaluate(bb, held_set, cfg.lens_positions, "tuned held-out", cfg.lens_rows),
              "control": nll.evaluate(bb, ctrl_set, 0, "tuned control")}
 
     blocks = list(range(bb.n_layers - min(cfg.blocks, bb.n_layers), bb.n_layers))
@@ -184,7 +188,8 @@ def run(run, args) -> dict:
                     "weights_sha256": io.sha256_file(adapter_dir / "adapters.safetensors")},
         "eval": ev,
         "eval_set": {"heldout_ids": [r["id"] for r in held], "control_rows": cfg.control_rows,
-                     "max_seq": cfg.max_seq, "lens_positions": cfg.lens_positions},
+                     "max_seq": cfg.max_seq, "lens_positions": cfg.lens_positions,
+                     "lens_rows": cfg.lens_rows},
         "lens": {"base": base["heldout"].get("lens"), "tuned": tuned["heldout"].get("lens")},
         "train": {"steps": cfg.iters, "resumed_from": fit["resumed_from"], "seconds": round(train_seconds, 2),
                   "step_seconds_median": float(np.median(steps_timed)) if steps_timed else None,

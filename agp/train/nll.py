@@ -35,16 +35,18 @@ def probe_positions(n: int, k: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(1, n - 1, k)})
 
 
-def evaluate(bb, seqs: list[tuple[list[int], int]], lens_positions: int = 0, desc: str = "eval") -> dict:
+def evaluate(bb, seqs: list[tuple[list[int], int]], lens_positions: int = 0, desc: str = "eval",
+             lens_rows: int | None = None) -> dict:
     """NLL (nats/token), perplexity and token count over `seqs`; with lens_positions > 0 also the
-    per-layer mean KL(final || lens) and top-1 agreement at that many positions per sequence."""
+    per-layer mean KL(final || lens) and top-1 agreement at that many positions per sequence, on
+    the first `lens_rows` sequences (all when None): the lens pass costs a head per layer."""
     total, count = 0.0, 0
     per_seq = []
     layers = list(range(1, bb.n_layers + 1))
     kl, agree = [], []
-    for ids, start in tqdm(seqs, desc=desc, unit="seq", leave=False):
+    for i, (ids, start) in enumerate(tqdm(seqs, desc=desc, unit="seq", leave=False)):
         tok = mx.array([ids])
-        if lens_positions:
+        if lens_positions and (lens_rows is None or i < lens_rows):
             logits, hidden = bb.capture(tok, layers)
         else:
             logits, hidden = bb.forward(tok), None
