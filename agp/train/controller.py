@@ -37,13 +37,14 @@ SPLITS = ("train", "valid", "heldout")
 
 @dataclass
 class ControllerArgs(ConfigMixin):
-    prompts: int = 48                 # prompts used (source first, topped up from the same pack builder)
+    prompts: int = 40                 # prompts used (source first, topped up from the same pack builder)
     max_tokens: int = 128             # each prompt truncated to this many tokens
-    positions: int = 20               # probed positions per prompt (the full-width head is the cost)
-    probe_layers: list | None = None  # None: n/3, n/2, 2n/3, n-4, n-2, n-1
+    positions: int = 16               # probed positions per prompt (the full-width head is the cost)
+    probe_layers: list | None = None  # None: n/3, n/2, 2n/3, n-3, n-1
     decision_layer: int | None = None  # None: 2n/3
     read_layers: list | None = None   # hidden layers the heads read; None: n/3, n/2, decision
     tuned_lens: bool = True           # per-layer ridge translators before the head
+    probe_batch: int = 64             # positions per head call (amortises reading the 262144-wide table)
     min_stability: float = 0.8
     heads: HeadArgs = field(default_factory=HeadArgs)
     policy: P.PolicyArgs = field(default_factory=P.PolicyArgs)
@@ -57,14 +58,14 @@ def add_arguments(p):
     p.add_argument("--controller-positions", type=int, default=d.positions, metavar="N",
                    help=f"probed positions per prompt; each costs one 262144-wide head pass per probe layer (default {d.positions})")
     p.add_argument("--controller-layers", default=None, metavar="L1,L2,...",
-                   help="probe layers (default n/3, n/2, 2n/3, n-4, n-2, n-1); the decision layer must be one")
+                   help="probe layers (default n/3, n/2, 2n/3, n-3, n-1); the decision layer must be one")
     p.add_argument("--controller-steps", type=int, default=d.heads.steps, metavar="N",
                    help=f"training steps per head variant (default {d.heads.steps})")
 
 
 def default_layers(n: int) -> tuple[list[int], int, list[int]]:
     """Probe layers, decision layer and read layers for an n-layer model."""
-    probe = sorted({x for x in (n // 3, n // 2, 2 * n // 3, n - 4, n - 2, n - 1) if 0 < x < n})
+    probe = sorted({x for x in (n // 3, n // 2, 2 * n // 3, n - 3, n - 1) if 0 < x < n})
     d = 2 * n // 3
     return probe, d, sorted({x for x in (n // 3, n // 2, d) if 0 < x <= d})
 
@@ -162,12 +163,17 @@ def collect(bb, rows, cfg, probe, d, read, progress=True) -> dict:
             raise AGPError("no train prompts to fit the tuned-lens translators; add prompts (--controller-prompts)")
         hf = np.concatenate(fit_final)
         translators = {l: fit_translator(np.concatenate(fit[l]), hf) for l in probe}
+    # probe positions of several prompts at once: each head call reads the whole 262144 x H table
+    H = {l: np.concatenate([it["h"][l] for it in per]) for l in want}
+    total = len(H[L_])
     stats = []
-    for item in tqdm(per, desc=f"probes ({len(probe)} layers x full head)", unit="prompt", disable=not progress):
-        stats.append(probe_stats(bb, item["h"], item["h"][L_], probe, translators))
+    for a in tqdm(range(0, total, cfg.probe_batch), desc=f"probes ({len(probe)} layers x full head)",
+                  unit="batch", disable=not progress):
+        sl = slice(a, a + cfg.probe_batch)
+        stats.append(probe_stats(bb, {l: H[l][sl] for l in probe}, H[L_][sl], probe, translators, full_layers=[d]))
     cat = lambda k: np.concatenate([s[k] for s in stats], axis=-1)  # noqa: E731
     data = {k: cat(k) for k in ("kl", "agree", "margin", "entropy", "p1", "teacher_margin", "teacher_entropy")}
-    data["hidden"] = {l: np.concatenate([it["h"][l] for it in per]) for l in want}
+    data["hidden"] = H
     data["split"] = np.concatenate([[it["row"]["split"]] * len(it["pos"]) for it in per])
     data["prompt"] = np.concatenate([[str(it["row"]["id"])] * len(it["pos"]) for it in per])
     data["position"] = np.concatenate([it["pos"] for it in per])
