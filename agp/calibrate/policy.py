@@ -38,7 +38,10 @@ def fit_thresholds(probs: np.ndarray, y: np.ndarray, args: PolicyArgs) -> dict[s
     th = {}
     for a, name in ((ESC, "escalate"), (REV, "revive_local")):
         true = y == a
-        ok = [t for t in GRID if true.any() and (probs[true, a] >= t).mean() >= args.recall_target]
+        # revive is overridden by escalate (decide's precedence), so its recall counts only positions
+        # escalate leaves to it
+        free = true & (probs[:, ESC] < th["escalate"]) if a == REV else true
+        ok = [t for t in GRID if free.any() and ((probs[:, a] >= t) & free).sum() >= args.recall_target * free.sum()]
         th[name] = float(max(ok)) if ok else 0.0
     best, best_f1 = 1.0, -1.0
     for t in GRID[::-1]:

@@ -142,3 +142,23 @@ def train(feats: dict[str, np.ndarray], labels: dict[str, dict[str, np.ndarray]]
                 best_f1, best = f1, {k: mx.array(v) for k, v in tree_flatten(ctl.model.parameters())}
     ctl.model.load_weights(list(best.items()))
     return ctl, {"history": hist, "best_valid_route_macro_f1": best_f1}
+
+
+def load_deployed(d: Path) -> tuple[Controller, dict]:
+    """The saved controller and its calibration (temperatures, thresholds, abstain gate)."""
+    d = Path(d)
+    ctl = Controller.load(d)
+    if not (d / "calibration.json").exists():
+        raise AGPError(f"no calibration.json in {d}; rerun `agp run --stage controller`")
+    return ctl, json.loads((d / "calibration.json").read_text())
+
+
+def route_decisions(ctl: Controller, calib: dict, feats: np.ndarray) -> dict[str, np.ndarray]:
+    """Calibrated route probabilities, the thresholded actions, their confidence and the abstain flags."""
+    from agp.calibrate import policy
+    from agp.calibrate.temperature import softmax
+
+    probs = softmax(ctl.logits(feats)["route"], calib["temperatures"]["route"])
+    act = policy.decide(probs, calib["thresholds"])
+    conf = policy.confidence(probs, act)
+    return {"probs": probs, "action": act, "confidence": conf, "abstain": conf < calib["abstain_gate"]}

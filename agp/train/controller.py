@@ -121,15 +121,19 @@ def source(run, model_arg) -> dict:
 
 
 def assign_splits(rows: list[dict], force: bool) -> tuple[list[dict], bool]:
-    """Keep the rows' splits when each holds >= 15% of the prompts, else 60/20/20 by sha256(id) rank."""
+    """Keep the rows' splits when each holds >= 15% of the prompts, else 60/20/20 by sha256(id) rank
+    within each source (so held-out mixes code, docs and chat like train does)."""
     n = len(rows)
     counts = {s: sum(r.get("split") == s for r in rows) for s in SPLITS}
     if not force and all(c >= max(2, 0.15 * n) for c in counts.values()):
         return rows, False
-    order = sorted(range(n), key=lambda i: hashlib.sha256(str(rows[i]["id"]).encode()).hexdigest())
     out = [dict(r) for r in rows]
-    for rank, i in enumerate(order):
-        out[i]["split"] = "train" if rank < 0.6 * n else "valid" if rank < 0.8 * n else "heldout"
+    for src in sorted({str(r.get("source")) for r in rows}):
+        mine = [i for i, r in enumerate(rows) if str(r.get("source")) == src]
+        mine.sort(key=lambda i: hashlib.sha256(str(rows[i]["id"]).encode()).hexdigest())
+        m = len(mine)
+        for rank, i in enumerate(mine):
+            out[i]["split"] = "train" if rank < round(0.6 * m) else "valid" if rank < round(0.8 * m) else "heldout"
     return out, True
 
 
@@ -363,6 +367,10 @@ def run(run, args) -> dict:
             with open(tmp, "wb") as f:
                 np.savez(f, **{f"W{l}": tr_.W for l, tr_ in data["translators"].items()},
                          **{f"b{l}": tr_.b for l, tr_ in data["translators"].items()})
+    with io.atomic_path(out / "features.npz") as tmp:     # lets gates/benchmarks re-run the saved heads
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, features=feats.astype(np.float32), split=split, route=lab["route"],
+                                vitality=lab["vitality"], earliest=lab["earliest_cls"])
     with io.atomic_path(out / "oracle.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, layers=np.asarray(probe), decision=d, kl=data["kl"], agree=data["agree"],
