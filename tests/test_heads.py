@@ -42,7 +42,7 @@ def test_heads_learn_a_separable_task(trained):
 
 def test_macs_count_and_save_load_roundtrip(trained, tmp_path):
     ctl, _, feats, _ = trained
-    assert ctl.macs() == 24 * 128 + 128 * (4 + 4 + 3)
+    assert ctl.macs() == 24 * ctl.args.hidden + ctl.args.hidden * (4 + 4 + 3)
     ctl.save(tmp_path / "h")
     again = Controller.load(tmp_path / "h")
     a, b = ctl.logits(feats["valid"]), again.logits(feats["valid"])

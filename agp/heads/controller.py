@@ -24,11 +24,11 @@ TASKS = ("route", "vitality", "earliest")
 
 @dataclass
 class HeadArgs(ConfigMixin):
-    hidden: int = 128
+    hidden: int = 64
     steps: int = 300
     lr: float = 2e-3
-    weight_decay: float = 1e-2
-    dropout: float = 0.1
+    weight_decay: float = 1e-1
+    dropout: float = 0.3
     eval_every: int = 25
     seed: int = 0
     tasks: list = field(default_factory=lambda: list(TASKS))

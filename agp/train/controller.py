@@ -45,6 +45,9 @@ class ControllerArgs(ConfigMixin):
     read_layers: list | None = None   # hidden layers the heads read; None: n/3, n/2, decision
     tuned_lens: bool = True           # per-layer ridge translators before the head
     probe_batch: int = 64             # positions per head call (amortises reading the 262144-wide table)
+    lens_folds: int = 4               # tuned-lens cross-fitting folds (by prompt)
+    lens_ridge: float = 1.0           # translator ridge (standardised inputs); 1.0 had the lowest valid
+                                      # reconstruction error of 1e-3..10 on the 270M (layers 6 and 12)
     min_stability: float = 0.8
     heads: HeadArgs = field(default_factory=HeadArgs)
     policy: P.PolicyArgs = field(default_factory=P.PolicyArgs)
@@ -138,45 +141,56 @@ def assign_splits(rows: list[dict], force: bool) -> tuple[list[dict], bool]:
 
 
 def collect(bb, rows, cfg, probe, d, read, progress=True) -> dict:
-    """Hidden states and probe statistics for every prompt; translators fitted on train prompts."""
+    """Hidden states and probe statistics for every prompt. Tuned-lens translators are cross-fitted
+    (docs/labels.md): prompts fall into `lens_folds` folds by sha256(id), and each fold is probed
+    with translators fitted on the other folds only, so no label comes from a translator that saw
+    its prompt (fitted in-sample, the ridge maps overfit and train labels would look easier than
+    held-out ones)."""
     from agp.train.baseline import probe_positions
 
     L_ = bb.n_layers
-    prev = d - 1
-    want = sorted(set(probe) | set(read) | {prev, L_})
+    want = sorted(set(probe) | set(read) | {d - 1, L_})
     per = []
-    fit = {l: [] for l in probe}
-    fit_final = []
     for r in tqdm(rows, desc="hidden states", unit="prompt", disable=not progress):
         ids = bb.encode(r["text"])[: cfg.max_tokens]
         if len(ids) < 2:
             continue
-        allpos = list(range(1, len(ids)))
-        h = hidden_at(bb, ids, want, allpos)
-        pos = [p - 1 for p in probe_positions(len(ids), cfg.positions)]   # index into allpos
-        if r["split"] == "train":
-            for l in probe:
-                fit[l].append(h[l])
-            fit_final.append(h[L_])
-        per.append({"row": r, "pos": np.asarray(pos) + 1, "h": {l: v[pos] for l, v in h.items()}})
+        h = hidden_at(bb, ids, want, list(range(1, len(ids))))
+        pos = [p - 1 for p in probe_positions(len(ids), cfg.positions)]   # index into positions 1..T-1
+        fold = int(hashlib.sha256(str(r["id"]).encode()).hexdigest()[:8], 16) % max(cfg.lens_folds, 1)
+        per.append({"row": r, "pos": np.asarray(pos) + 1, "fold": fold, "h": {l: v[pos] for l, v in h.items()},
+                    "all": {l: h[l] for l in probe + [L_]} if cfg.tuned_lens else None})
     if not per:
         raise AGPError("no prompt had 2 or more tokens; the prompt source is empty")
-    translators = None
-    if cfg.tuned_lens:
-        if not fit_final:
-            raise AGPError("no train prompts to fit the tuned-lens translators; add prompts (--controller-prompts)")
-        hf = np.concatenate(fit_final)
-        translators = {l: fit_translator(np.concatenate(fit[l]), hf) for l in probe}
-    # probe positions of several prompts at once: each head call reads the whole 262144 x H table
+    folds = sorted({it["fold"] for it in per})
+    if cfg.tuned_lens and len(folds) < 2:
+        raise AGPError(f"cross-fitted tuned lens needs prompts in 2 or more of {cfg.lens_folds} folds; add prompts")
     H = {l: np.concatenate([it["h"][l] for it in per]) for l in want}
-    total = len(H[L_])
-    stats = []
-    for a in tqdm(range(0, total, cfg.probe_batch), desc=f"probes ({len(probe)} layers x full head)",
-                  unit="batch", disable=not progress):
-        sl = slice(a, a + cfg.probe_batch)
-        stats.append(probe_stats(bb, {l: H[l][sl] for l in probe}, H[L_][sl], probe, translators, full_layers=[d]))
-    cat = lambda k: np.concatenate([s[k] for s in stats], axis=-1)  # noqa: E731
+    fold_of = np.concatenate([[it["fold"]] * len(it["pos"]) for it in per])
+    stats, order = [], []
+    with tqdm(total=len(fold_of), desc=f"probes ({len(probe)} layers x full head)", unit="pos",
+              disable=not progress) as bar:
+        for k in folds:
+            tr = None
+            if cfg.tuned_lens:
+                others = [it for it in per if it["fold"] != k]
+                hf = np.concatenate([it["all"][L_] for it in others])
+                tr = {l: fit_translator(np.concatenate([it["all"][l] for it in others]), hf, cfg.lens_ridge)
+                      for l in probe}
+            ix = np.flatnonzero(fold_of == k)
+            for a in range(0, len(ix), cfg.probe_batch):
+                sl = ix[a:a + cfg.probe_batch]
+                stats.append(probe_stats(bb, {l: H[l][sl] for l in probe}, H[L_][sl], probe, tr, full_layers=[d]))
+                order.append(sl)
+                bar.update(len(sl))
+    inv = np.argsort(np.concatenate(order))
+    cat = lambda k: np.concatenate([s[k] for s in stats], axis=-1)[..., inv]  # noqa: E731
     data = {k: cat(k) for k in ("kl", "agree", "margin", "entropy", "p1", "teacher_margin", "teacher_entropy")}
+    translators = None
+    if cfg.tuned_lens:         # the map saved for later stages: fitted on every prompt
+        hf = np.concatenate([it["all"][L_] for it in per])
+        translators = {l: fit_translator(np.concatenate([it["all"][l] for it in per]), hf, cfg.lens_ridge)
+                       for l in probe}
     data["hidden"] = H
     data["split"] = np.concatenate([[it["row"]["split"]] * len(it["pos"]) for it in per])
     data["prompt"] = np.concatenate([[str(it["row"]["id"])] * len(it["pos"]) for it in per])
