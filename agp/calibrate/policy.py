@@ -20,7 +20,7 @@ GRID = np.linspace(0.0, 1.0, 101)
 
 @dataclass
 class PolicyArgs(ConfigMixin):
-    recall_target: float = 0.90      # escalate / revive_local thresholds: recall on valid at least this
+    recall_target: float = 0.80      # escalate / revive_local thresholds: recall on valid at least this
     precision_target: float = 0.80   # accept_local threshold: precision on valid at least this
     min_acceptance: float = 0.70     # abstain gate: keep at least this share of decisions on valid
 
