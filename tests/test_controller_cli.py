@@ -54,6 +54,15 @@ def test_saved_heads_reload(tiny_run):
     assert ctl.macs() == run.stage("controller")["metrics"]["controller"]["macs_per_decision"]
 
 
+def test_stage2_gate_fails_on_a_random_model(tiny_run):
+    """The gate must be able to fail: a random tiny model's controller cannot beat its baselines
+    by the measured margins, and the outcome says so."""
+    from agp.commands.run import run_gate
+    run, _, _ = tiny_run                  # runs before the tests below mark the stage failed
+    out = run_gate(run, "stage2")
+    assert out["outcome"] == "failed" and "failed" in out["summary"], out
+
+
 def test_controller_without_baseline_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     rc = main(["run", "--stage", "controller", "--runs", str(tmp_path), "--model", tiny_model_dir["gemma3_text"],
                "--no-gates"])
@@ -79,3 +88,4 @@ def test_bad_layer_flag_is_a_clear_error(tiny_run, capsys):
     rc = main(["run", "--stage", "controller", "--run-dir", str(run.path), "--model", model, "--no-gates",
                "--controller-layers", "1,2"])
     assert rc == 2 and "decision layer 4" in capsys.readouterr().err
+
