@@ -89,3 +89,49 @@ def test_bad_layer_flag_is_a_clear_error(tiny_run, capsys):
                "--controller-layers", "1,2"])
     assert rc == 2 and "decision layer 4" in capsys.readouterr().err
 
+
+
+def _real_lora_adapter(model_dir, dest):
+    """A genuine mlx-lm LoRA adapter directory for the tiny model (random LoRA factors, so the tuned
+    backbone differs from the base one), in the format stage 1 writes."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = mlx_lm.load(model_dir)
+    cfg = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+    linear_to_lora_layers(model, 2, cfg)
+    mx.random.seed(3)
+    ad = {k: mx.random.normal(v.shape) * 0.05 for k, v in tree_flatten(model.trainable_parameters())
+          if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+    dest.mkdir(parents=True)
+    mx.save_safetensors(str(dest / "adapters.safetensors"), ad)
+    write_json(dest / "adapter_config.json", {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": cfg})
+
+
+def test_adapter_stage_switches_backbone_and_prompts(tiny_model_dir, tmp_path):
+    """With a finished adapter stage the controller uses the tuned backbone and the routing lane."""
+    import shutil
+    from agp.data.prompt_pack import PromptPackArgs, build_prompt_pack
+    from agp.io import write_jsonl
+    model = tiny_model_dir["gemma3_text"]
+    root = tmp_path / "runs"
+    assert main(["run", "--stage", "baseline", "--runs", str(root), "--model", model, "--no-gates",
+                 "--baseline-prompts", "1", "--baseline-decode-tokens", "1"]) == 0
+    run = Run((root / "latest").resolve())
+    adir = run.path / "adapter" / "lora"
+    _real_lora_adapter(model, adir)
+    rows = build_prompt_pack(PromptPackArgs(per_source=6))
+    for s in ("train", "valid", "heldout"):
+        write_jsonl(run.path / "adapter" / "data" / "routing" / f"{s}.jsonl", [r for r in rows if r["split"] == s])
+    run.update_stage("adapter", status="done", artifacts={"adapter_dir": str(adir)})
+    assert main(["run", "--stage", "controller", "--run-dir", str(run.path), "--model", model, "--no-gates",
+                 "--controller-prompts", "18", "--controller-steps", "20"]) == 0
+    m = Run(run.path).stage("controller")["metrics"]
+    assert m["backbone"] == "adapter" and m["adapter_dir"] == str(adir)
+    assert m["prompt_source"] == "adapter/data/routing" and m["prompts_topped_up"] == 0
+    from agp.backbone import load
+    assert m["model_fingerprint"] == load(model, adapter=str(adir)).fingerprint != load(model).fingerprint
+    shutil.rmtree(adir)
+    assert main(["run", "--stage", "controller", "--run-dir", str(run.path), "--model", model, "--no-gates"]) == 2

@@ -238,7 +238,8 @@ def run(run, args) -> dict:
         extra = [r for r in build_prompt_pack(PromptPackArgs(per_source=cfg.prompts)) if r["id"] not in seen]
         topped = min(cfg.prompts - len(rows), len(extra))
         rows = rows + extra[:topped]
-    rows = rows[: cfg.prompts]
+    if len(rows) > cfg.prompts:          # a hash-ordered sample keeps the source's mix of splits and kinds
+        rows = sorted(rows, key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())[: cfg.prompts]
     rows, resplit = assign_splits(rows, src.pop("resplit"))
     bb = load(getattr(args, "model", None), adapter=src["adapter_dir"])
     n = bb.n_layers
