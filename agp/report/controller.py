@@ -57,7 +57,7 @@ def _f(x, fmt="{:.3f}"):
     return "—" if x is None else fmt.format(x)
 
 
-def write_report(out, m, abstain, cal, probs, y) -> None:
+def write_report(out, m, abstain, cal, probs, y, sweep_rows=()) -> None:
     """Write <run>/controller/report.md and its PNGs."""
     _plots(out, m, cal, probs, y)
     c = m["controller"]
@@ -84,6 +84,13 @@ def write_report(out, m, abstain, cal, probs, y) -> None:
     var = "\n".join(f"| {k} | {v['route_macro_f1']:.3f} | {_f(v.get('vitality_macro_f1'))} | {v['macs']:,} |"
                     for k, v in m["controller"]["variants"].items())
     shares = lambda d: ", ".join(f"{k} {v:.1%}" for k, v in d.items())  # noqa: E731
+    raw = m["layers"].get("raw_lens_top1_agree_stage0") or {}
+    lens_rows = "\n".join(f"| {l} | {_f(raw.get(l, raw.get(str(l))))} | {a:.3f} |"
+                          for l, a in m["layers"]["tuned_lens_top1_agree"].items())
+    sweep_tbl = "\n".join(
+        f"| {r['params']['kl_accept']:.3g} | {r['params']['margin_delta']:.3g} | {r['params']['kl_dead']:.3g} | "
+        + " | ".join(f"{r['route_shares'][a]:.2f}" for a in ROUTES) + f" | {r['vitality_min_share']:.3f} | {r['stability']:.3f} |"
+        for r in sweep_rows)
     text = f"""## Stage 2 — controller
 
 Teacher/backbone: **{m['backbone']}** (prompts: `{m['prompt_source']}`{', topped up with ' + str(m['prompts_topped_up']) + ' from the same pack builder' if m['prompts_topped_up'] else ''}{'; re-split 60/20/20 by prompt' if m['resplit_60_20_20'] else ''}).
@@ -91,9 +98,21 @@ Prompts train/valid/heldout: {m['dataset']['prompts']}; probed positions: {m['da
 Probe layers {m['layers']['probe']} ({'tuned lens' if m['config']['tuned_lens'] else 'logit lens'}), decision layer **{m['layers']['decision']}**, heads read layers {m['layers']['read']}.
 Tuned-lens top-1 agreement per probe layer: {', '.join(f'{k}: {v:.2f}' for k, v in m['layers']['tuned_lens_top1_agree'].items())}.
 
+| probe layer | top-1 agreement, raw logit lens (stage 0 pack) | top-1 agreement, cross-fitted tuned lens (this stage) |
+|---|---|---|
+{lens_rows}
+
 **Labels** (docs/labels.md): chosen {lab['chosen']} — {lab['why']}; label stability {lab['stability']:.3f}.
 Route shares (train): {shares(lab['route_shares']['train'])}. Held-out: {shares(lab['route_shares']['heldout'])}.
 Vitality shares (train): {shares(lab['vitality_shares']['train'])}. Oracle mean earliest layer {lab['oracle_mean_earliest_layer']:.2f}.
+
+<details><summary>Label sweep (train split; route shares, smallest vitality share, stability)</summary>
+
+| kl_accept | margin_delta | kl_dead | {' | '.join(ROUTES)} | min vitality | stability |
+|---|---|---|{'---|' * len(ROUTES)}---|---|
+{sweep_tbl}
+
+</details>
 
 **Route decision on held-out** (recall per class; ECE 15 bins before/after temperature scaling; MACs per decision — one layer is {c['layer_macs']:,}, the LM head {c['head_macs']:,}):
 

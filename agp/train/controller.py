@@ -403,6 +403,8 @@ def run(run, args) -> dict:
     io.write_jsonl(out / "decisions.jsonl", recs)
 
     per_layer_agree = {int(l): float(data["agree"][i].mean()) for i, l in enumerate(probe)}
+    pl = (run.stage("baseline").get("metrics") or {}).get("per_layer") or {}
+    raw_agree = {int(l): float(a) for l, a in zip(pl.get("layers", []), pl.get("top1_agree", [])) if l in probe}
     metrics = {
         "config": cfg.to_dict(), "backbone": src["backbone"], "adapter_dir": src["adapter_dir"],
         "prompt_source": src["prompt_source"], "prompts_topped_up": topped, "resplit_60_20_20": resplit,
@@ -411,7 +413,7 @@ def run(run, args) -> dict:
                     "positions": {s: int(len(ix)) for s, ix in idx.items()},
                     "sha256_oracle": io.sha256_file(out / "oracle.npz")},
         "layers": {"probe": probe, "decision": d, "read": read, "exits": exits,
-                   "tuned_lens_top1_agree": per_layer_agree},
+                   "tuned_lens_top1_agree": per_layer_agree, "raw_lens_top1_agree_stage0": raw_agree},
         "labels": {"chosen": sw["chosen"], "why": sw["why"], "grid": sw["grid"],
                    "stability": sw["chosen_row"]["stability"],
                    "route_shares": {s: L.class_shares(lab["route"][ix], L.ROUTES) for s, ix in idx.items()},
@@ -425,10 +427,9 @@ def run(run, args) -> dict:
                        "head_macs": bb.head_macs(), "training": info, "variants": compare},
         "baselines": base, "savings": savings, "curves": curves, "timings": timings,
     }
-    t0 = time.perf_counter()
+    timings["before_report_s"] = time.perf_counter() - t_start
     from agp.report.controller import write_report
-    write_report(out, metrics, abstain, cal, ph, yh["route"])
-    timings["report_s"] = time.perf_counter() - t0
+    write_report(out, metrics, abstain, cal, ph, yh["route"], sw["rows"])
     timings["total_s"] = time.perf_counter() - t_start
     run.manifest.setdefault("datasets", {})["controller/oracle.npz"] = metrics["dataset"]["sha256_oracle"]
     run.update_stage(NAME, artifacts={"heads_dir": str(out / "heads"), "oracle": str(out / "oracle.npz"),
