@@ -61,3 +61,34 @@ STAGE1_MIN_EVAL_TOKENS = 150
 # MLX peak during training: measured 1.55 GiB (2 x 64 tokens, logits 2 x 64 x 262144 fp32);
 # 4 GiB fails a config that materialises much larger logits without being flaky.
 STAGE1_PEAK_MEMORY_GB_MAX = 4.0
+# --- stage 2: controller (gates/test_stage2_controller.py) -----------------------------------
+# Measured on the embedded 270M, base backbone, default config (40 prompts x 16 positions,
+# probe layers 6/9/12/15/17, decision layer 12, cross-fitted tuned lens), run dir
+# /tmp/realruns/20261128-234736-bc8f1a (controller stage 2026-11-29 ~01:12 UTC, 128 held-out
+# positions from 8 prompts). Held-out route macro-F1 (argmax): controller 0.401, majority 0.138,
+# entropy-only 0.307, softmax-confidence 0.305, hidden-saturation 0.400. Offline re-training of the
+# same features over 5 head configs gave argmax macro-F1 0.38-0.46, so ~0.06 of seed/config noise.
+# Route classes on train: the sweep's chosen setting has its smallest route class at 20.1%;
+# 5% is the floor below which a 4-way head has too few examples (~20 of 384) to learn a class.
+STAGE2_MIN_ROUTE_CLASS_SHARE = 0.05
+# "Wide margin" over majority: measured +0.26; 0.15 still means more than doubling majority's F1
+# and leaves room for the ~0.06 config noise.
+STAGE2_F1_OVER_MAJORITY = 0.15
+# Escalate / revive_local recall of the deployed policy (per-action thresholds fitted on valid for
+# recall >= 0.8). Measured held-out: escalate 0.73-0.88, revive 0.43-0.52 over head configs. NOT
+# near-exact: the route head cannot see the teacher's own margin from layer <= 12 hidden states
+# well enough; the bounds below are what the measurement justifies, not the goal.
+STAGE2_ESCALATE_RECALL_MIN = 0.60
+STAGE2_REVIVE_RECALL_MIN = 0.35
+# ECE (15 bins) of the route head after temperature scaling: measured 0.089 (0.10-0.14 over head
+# configs, from 0.42-0.55 before). 0.15 bounds it; ECE on 128 positions has ~0.03 sampling noise.
+STAGE2_ECE_AFTER_MAX = 0.15
+# Temperature is fitted on valid, so held-out NLL may rise slightly; 0.02 nats of slack.
+STAGE2_NLL_SLACK = 0.02
+# Confidence vs correctness AUROC: measured 0.58-0.69 over configs (0.65 in the run). 0.55: the
+# confidence must carry signal beyond chance (0.5) by more than the noise on 128 positions.
+STAGE2_AUROC_MIN = 0.55
+# Abstain gate (largest confidence gate keeping >= 70% of valid decisions): measured held-out
+# acceptance 0.55-0.77 and error drop 0.01-0.08 (0.609 -> 0.551 in the run).
+STAGE2_ACCEPTANCE_MIN = 0.50
+STAGE2_ABSTAIN_ERROR_DROP = 0.01

@@ -1,0 +1,1 @@
+"""Calibration: classification metrics, ECE, temperature scaling, per-action thresholds, abstain."""

@@ -1,0 +1,137 @@
+"""Stage 2 end to end through the CLI on a tiny model (baseline + controller), and its bad inputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agp.cli import main
+from agp.io import sha256_file, write_json
+from agp.runs import Run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    model = tiny_model_dir["gemma3_text"]
+    assert main(["run", "--stage", "baseline", "--runs", str(root), "--model", model, "--no-gates",
+                 "--baseline-prompts", "2", "--baseline-decode-tokens", "2"]) == 0
+    assert main(["run", "--stage", "controller", "--runs", str(root), "--model", model, "--no-gates",
+                 "--controller-prompts", "16", "--controller-steps", "40"]) == 0
+    return Run((root / "latest").resolve()), root, model
+
+
+def test_controller_stage_writes_everything(tiny_run):
+    run, _, _ = tiny_run
+    rec = run.stage("controller")
+    assert rec["status"] == "done" and rec["seconds"] > 0
+    m = rec["metrics"]
+    assert m["backbone"] == "base" and m["prompt_source"] == "baseline/prompts.jsonl" and m["resplit_60_20_20"]
+    assert m["layers"]["decision"] in m["layers"]["probe"] and m["layers"]["exits"][-1] == 6
+    assert m["controller"]["macs_per_decision"] <= m["controller"]["layer_macs"]
+    for name in ("majority", "entropy-only", "softmax-confidence (CALM)", "hidden-saturation (CALM)",
+                 "fixed-layer (exit at D)"):
+        b = m["baselines"][name]
+        assert 0 <= b["heldout"]["macro_f1"] <= 1 and b["ece_before"] is not None
+    assert set(m["controller"]["variants"]) == {"route", "route+vitality", "route+vitality+earliest"}
+    shares = m["labels"]["route_shares"]["train"]
+    assert abs(sum(shares.values()) - 1) < 1e-9 and min(shares.values()) > 0
+    d = run.path / "controller"
+    for f in ("oracle.npz", "sweep.json", "decisions.jsonl", "features.npz", "translators.npz", "reliability.png",
+              "gate_sweep.png", "savings.png", "heads/heads.safetensors", "heads/calibration.json"):
+        assert (d / f).stat().st_size > 0, f
+    assert run.manifest["datasets"]["controller/oracle.npz"] == sha256_file(d / "oracle.npz")
+    recs = [json.loads(x) for x in (d / "decisions.jsonl").read_text().splitlines()]
+    assert len(recs) == m["dataset"]["positions"]["heldout"]
+    assert {"action", "confidence", "abstain", "vitality", "earliest_layer", "label"} <= set(recs[0])
+    assert "Stage 2" in (run.path / "report.md").read_text()
+
+
+def test_saved_heads_reload(tiny_run):
+    from agp.heads.controller import Controller
+    run, _, _ = tiny_run
+    ctl = Controller.load(run.path / "controller" / "heads")
+    assert ctl.macs() == run.stage("controller")["metrics"]["controller"]["macs_per_decision"]
+
+
+def test_stage2_gate_fails_on_a_random_model(tiny_run):
+    """The gate must be able to fail: a random tiny model's controller cannot beat its baselines
+    by the measured margins, and the outcome says so."""
+    from agp.commands.run import run_gate
+    run, _, _ = tiny_run                  # runs before the tests below mark the stage failed
+    out = run_gate(run, "stage2")
+    assert out["outcome"] == "failed" and "failed" in out["summary"], out
+
+
+def test_controller_without_baseline_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    rc = main(["run", "--stage", "controller", "--runs", str(tmp_path), "--model", tiny_model_dir["gemma3_text"],
+               "--no-gates"])
+    assert rc == 2
+    assert "no finished 'baseline' stage" in capsys.readouterr().err
+
+
+def test_adapter_recorded_but_missing_is_a_clear_error(tiny_run, capsys):
+    run, root, model = tiny_run
+    man = json.loads((run.path / "manifest.json").read_text())
+    man["stages"]["adapter"] = {"status": "done", "artifacts": {"adapter_dir": str(run.path / "nope")}}
+    write_json(run.path / "manifest.json", man)
+    try:
+        rc = main(["run", "--stage", "controller", "--run-dir", str(run.path), "--model", model, "--no-gates"])
+        assert rc == 2 and "adapter_dir" in capsys.readouterr().err
+    finally:
+        del man["stages"]["adapter"]
+        write_json(run.path / "manifest.json", man)
+
+
+def test_bad_layer_flag_is_a_clear_error(tiny_run, capsys):
+    run, _, model = tiny_run
+    rc = main(["run", "--stage", "controller", "--run-dir", str(run.path), "--model", model, "--no-gates",
+               "--controller-layers", "1,2"])
+    assert rc == 2 and "decision layer 4" in capsys.readouterr().err
+
+
+
+def _real_lora_adapter(model_dir, dest):
+    """A genuine mlx-lm LoRA adapter directory for the tiny model (random LoRA factors, so the tuned
+    backbone differs from the base one), in the format stage 1 writes."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = mlx_lm.load(model_dir)
+    cfg = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+    linear_to_lora_layers(model, 2, cfg)
+    mx.random.seed(3)
+    ad = {k: mx.random.normal(v.shape) * 0.05 for k, v in tree_flatten(model.trainable_parameters())
+          if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+    dest.mkdir(parents=True)
+    mx.save_safetensors(str(dest / "adapters.safetensors"), ad)
+    write_json(dest / "adapter_config.json", {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": cfg})
+
+
+def test_adapter_stage_switches_backbone_and_prompts(tiny_model_dir, tmp_path):
+    """With a finished adapter stage the controller uses the tuned backbone and the routing lane."""
+    import shutil
+    from agp.data.prompt_pack import PromptPackArgs, build_prompt_pack
+    from agp.io import write_jsonl
+    model = tiny_model_dir["gemma3_text"]
+    root = tmp_path / "runs"
+    assert main(["run", "--stage", "baseline", "--runs", str(root), "--model", model, "--no-gates",
+                 "--baseline-prompts", "1", "--baseline-decode-tokens", "1"]) == 0
+    run = Run((root / "latest").resolve())
+    adir = run.path / "adapter" / "lora"
+    _real_lora_adapter(model, adir)
+    rows = build_prompt_pack(PromptPackArgs(per_source=6))
+    for s in ("train", "valid", "heldout"):
+        write_jsonl(run.path / "adapter" / "data" / "routing" / f"{s}.jsonl", [r for r in rows if r["split"] == s])
+    run.update_stage("adapter", status="done", artifacts={"adapter_dir": str(adir)})
+    assert main(["run", "--stage", "controller", "--run-dir", str(run.path), "--model", model, "--no-gates",
+                 "--controller-prompts", "18", "--controller-steps", "20"]) == 0
+    m = Run(run.path).stage("controller")["metrics"]
+    assert m["backbone"] == "adapter" and m["adapter_dir"] == str(adir)
+    assert m["prompt_source"] == "adapter/data/routing" and m["prompts_topped_up"] == 0
+    from agp.backbone import load
+    assert m["model_fingerprint"] == load(model, adapter=str(adir)).fingerprint != load(model).fingerprint
+    shutil.rmtree(adir)
+    assert main(["run", "--stage", "controller", "--run-dir", str(run.path), "--model", model, "--no-gates"]) == 2
