@@ -1,187 +1,239 @@
-"""TurboQuant retrieval index: centred + rotated unit vectors, Lloyd-Max codes, fast scan, code refine, exact rerank.
+"""TurboQuant index: centre, rotate, per-coordinate Lloyd-Max codes; scan packed codes with FAISS fast-scan.
 
-Encoding one row x (unit norm): y = R(x - mean) with the seeded rotation R; u = y/||y|| is quantized
-coordinate-wise with one Lloyd-Max codebook fitted to the rotated, centred coordinates (data-fitted,
-not the oblivious Gaussian one: the Gemma table is anisotropic, |mean| ~ 0.45). Per row we keep the
-packed codes and one float, scale = ||y|| / <u_hat, u>, which makes the code estimate of <q, x - mean>
-exact along y itself (TurboQuant's MSE codes shrink inner products; this undoes the shrink per row).
+Encoding a unit row x: y = x - mean (the Gemma table's mean has norm ~0.45: centring removes the
+shared direction the codes would otherwise spend bits on), z = R y (the seeded TurboQuant rotation,
+agp.quant.rotation), code_j = nearest level of codebook_j (agp.quant.lloyd_max.quantize). Codebook j is
+one Lloyd-Max shape fitted to the standardised rotated coordinates, scaled by coordinate j's std,
+so the codes match the data rather than the data-oblivious N(0, 1/d) codebook. A per-row fp16
+scale a = <z, ẑ>/|ẑ|² (least-squares gain) corrects each row's reconstruction length.
 
-Search for q: <q, x> = <Rq, y> + <q, mean>, the second term is constant per query.
-1. fast scan: FAISS 4-bit fast-scan (SIMD LUT scan over packed codes, `IndexPQFastScan` with one
-   1-d sub-quantizer per rotated coordinate whose centroids are our codebook) returns `refine`
-   candidates ranked by <Rq, u_hat>; it cannot apply the per-row scale, so
-2. code refine: the candidates' codes are decoded (only those) and rescored with the scale, and
-3. optional exact rerank: the best `rerank` candidates are rescored with the stored fp16 vectors.
-Measured on the real table (agp bench index, docs/index.md) — the engine was chosen by that table.
+Score estimate for a query q: <q, mean> + a * <R q, ẑ>. The packed rows are exactly FAISS's PQ code
+layout for M = padded_dim/g sub-quantizers of g coordinates (g = 4 // bits for 1, 2, 4 bits), so the
+scan runs in FAISS's 4-bit fast-scan (SIMD lookup tables) without decoding the base to floats; the
+fast scan's 8-bit lookup tables are then corrected by re-scoring a short list exactly from the codes
+(float tables and the scale). 3 and 8 bits use FAISS's plain PQ scan. Optional exact rerank uses
+stored fp16/fp32 vectors.
 """
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
+import time
+from dataclasses import dataclass
 
+import faiss
 import numpy as np
 
 from agp.config import ConfigMixin
 from agp.errors import AGPError
-from agp.index import snapshot
-from agp.index.load import check_rows, load_vectors
+from agp.index import loader, snapshot
 from agp.quant import bitpack, lloyd_max
 from agp.quant.rotation import Rotation
 
-BLOCK_ROWS = 65536  # rows per snapshot block: a corrupted block is localised to 64 K rows
+BITS = (2, 3, 4, 8)
+STORES = ("none", "fp16", "fp32")
+ENCODE_CHUNK = 16384
 
 
-@dataclasses.dataclass
+@dataclass
 class IndexArgs(ConfigMixin):
-    bits: int = 4  # bits per rotated coordinate (2, 3, 4 or 8)
-    seed: int = 0  # rotation seed
-    rotation: str = "hadamard"
-    centre: bool = True  # subtract the base-set mean before rotating (anisotropic data)
-    fit_rows: int = 20000  # rows sampled to fit the codebook
-    keep_vectors: bool = True  # store fp16 vectors for exact rerank (+2*dim bytes per vector)
+    bits: int = 4            # bits per rotated coordinate (4 and 8; 2 and 3 as options)
+    seed: int = 0            # rotation seed
+    store: str = "none"      # keep vectors for exact rerank: none | fp16 | fp32
+    fit_rows: int = 4096     # rows sampled to fit the mean-free codebook shape
+    centre: bool = True      # subtract the build set's mean before rotating
 
 
 class TQIndex:
-    """A TurboQuant index over unit vectors; build with `build`, persist with `save`, reopen with `open`."""
+    """Inner-product top-k over TurboQuant-coded unit vectors."""
 
-    def __init__(self, meta: snapshot.Meta, blocks: list[snapshot.Block], path: Path | None = None):
-        self.meta, self.blocks, self.path = meta, blocks, path
-        self.rotation = Rotation(meta.dim, meta.seed, meta.rotation)
-        if self.rotation.padded_dim != meta.padded_dim:
-            raise AGPError(f"padded dim {meta.padded_dim} does not match rotation ({self.rotation.padded_dim})")
+    def __init__(self, dim, bits, seed, mean, codebook, scale, codes, vectors=None, store="none", path=None):
+        self.dim, self.bits, self.seed, self.store, self.path = int(dim), int(bits), int(seed), store, path
+        self.rotation = Rotation(self.dim, self.seed)
+        self.padded_dim = self.rotation.padded_dim
+        self.mean, self.codebook, self.scale, self.codes, self.vectors = mean, codebook, scale, codes, vectors
+        self.code_bytes = bitpack.packed_size(self.padded_dim, self.bits)
+        self._bounds = [lloyd_max.boundaries(c) for c in codebook]
         self._engine = None
-        self._starts = np.cumsum([0] + [len(b.scales) for b in blocks])
+        self._snapshot = None
 
-    # -- building --------------------------------------------------------------------------
+    # -- building ---------------------------------------------------------------------------
     @classmethod
-    def build(cls, vectors, args: IndexArgs | None = None) -> "TQIndex":
-        """Build from an array, `.npy` or JSONL (rows are L2-normalised)."""
+    def build(cls, src, args: IndexArgs | None = None) -> "TQIndex":
+        """Fit mean and codebooks on `src` (array / .npy / .jsonl) and encode every row."""
         args = args or IndexArgs()
-        if args.bits not in (2, 3, 4, 8):
-            raise AGPError(f"index bits must be 2, 3, 4 or 8, got {args.bits}")
-        x = load_vectors(vectors)
-        rot = Rotation(x.shape[1], args.seed, args.rotation)
-        mean = x.mean(0, dtype=np.float64).astype(np.float32) if args.centre else np.zeros(x.shape[1], np.float32)
+        if args.bits not in BITS:
+            raise AGPError(f"index bits must be one of {BITS}, got {args.bits}")
+        if args.store not in STORES:
+            raise AGPError(f"index store must be one of {STORES}, got {args.store!r}")
+        x = loader.load_vectors(src)
+        n, dim = x.shape
+        rot = Rotation(dim, args.seed)
+        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32) if args.centre else np.zeros(dim, np.float32)
         rng = np.random.default_rng(args.seed)
-        sample = x[np.sort(rng.choice(len(x), min(args.fit_rows, len(x)), replace=False))]
-        u = _unit(rot.apply(sample - mean))
-        codebook = lloyd_max.fit_codebook(u, args.bits)
-        meta = snapshot.Meta(dim=x.shape[1], padded_dim=rot.padded_dim, bits=args.bits, seed=args.seed,
-                             rotation=args.rotation, codebook=codebook, mean=mean, has_vectors=args.keep_vectors)
-        idx = cls(meta, [])
-        idx._add_blocks(x)
+        sample = rot.apply(x[np.sort(rng.choice(n, min(n, args.fit_rows), replace=False))] - mean)
+        sd = np.maximum(sample.std(axis=0), 1e-12).astype(np.float32)
+        shape = lloyd_max.fit_codebook(sample / sd, args.bits)
+        codebook = (sd[:, None] * shape[None, :]).astype(np.float32)
+        idx = cls(dim, args.bits, args.seed, mean, codebook, np.zeros(0, np.float16),
+                  np.zeros((0, bitpack.packed_size(rot.padded_dim, args.bits)), np.uint8), store=args.store,
+                  vectors=None if args.store == "none" else np.zeros((0, dim), _store_dtype(args.store)))
+        idx._add_unit(x)
         return idx
 
-    def _encode(self, x: np.ndarray) -> snapshot.Block:
-        y = self.rotation.apply(x - self.meta.mean)
-        n = np.linalg.norm(y, axis=1)
-        u = y / np.maximum(n, 1e-30)[:, None]
-        codes = lloyd_max.quantize(u, self.meta.codebook)
-        uh = self.meta.codebook[codes]
-        dot = np.sum(uh * u, axis=1)
-        scale = np.where(dot > 0, n / np.maximum(dot, 1e-30), 0.0).astype(np.float32)
-        vec = x.astype(np.float16) if self.meta.has_vectors else None
-        return snapshot.Block(bitpack.pack(codes, self.meta.bits), scale, vec)
+    def _encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        codes, scales = [], []
+        for i in range(0, len(x), ENCODE_CHUNK):
+            z = self.rotation.apply(x[i:i + ENCODE_CHUNK] - self.mean)
+            idx = np.empty(z.shape, np.uint8)
+            for j, b in enumerate(self._bounds):
+                idx[:, j] = lloyd_max.quantize(z[:, j], self.codebook[j], b)
+            zh = self._levels(idx)
+            scales.append((np.einsum("nd,nd->n", z, zh) / np.maximum(np.einsum("nd,nd->n", zh, zh), 1e-30)).astype(np.float16))
+            codes.append(bitpack.pack(idx, self.bits))
+        return np.concatenate(codes), np.concatenate(scales)
 
-    def _add_blocks(self, x: np.ndarray) -> list[snapshot.Block]:
-        new = [self._encode(x[i:i + BLOCK_ROWS]) for i in range(0, len(x), BLOCK_ROWS)]
-        self.blocks = self.blocks + new
-        self.meta.count += len(x)
-        self.meta.blocks = len(self.blocks)
-        self._starts = np.cumsum([0] + [len(b.scales) for b in self.blocks])
-        if self._engine is not None:
-            for b in new:
-                self._engine.add(self._decode_unit(b.codes))
-        return new
+    def _levels(self, idx: np.ndarray) -> np.ndarray:
+        return self.codebook[np.arange(self.padded_dim), idx.astype(np.intp)]
 
-    def add(self, vectors) -> None:
-        """Append vectors (in memory; `save` or `append_to` persists them). Ids continue from len(self)."""
-        x = load_vectors(vectors, dim=self.meta.dim)
-        new = self._add_blocks(x)
-        if self.path is not None:
-            for b in new:
-                snapshot.append(self.path, b)
+    def _add_unit(self, x: np.ndarray) -> None:
+        codes, scales = self._encode(x)
+        self.codes = np.concatenate([self.codes, codes]) if len(self.codes) else codes
+        self.scale = np.concatenate([self.scale, scales]) if len(self.scale) else scales
+        if self.store != "none":
+            v = x.astype(_store_dtype(self.store))
+            self.vectors = np.concatenate([self.vectors, v]) if len(self.vectors) else v
+        self._engine = None
 
-    # -- persistence ----------------------------------------------------------------------
-    def save(self, path) -> None:
-        """Write the whole index as a `.tqidx` snapshot (atomic)."""
-        snapshot.write(path, self.meta, self.blocks)
-        self.path = Path(path)
-
-    @classmethod
-    def open(cls, path, verify: bool = True) -> "TQIndex":
-        """Memory-map a snapshot (no copy of the codes); `verify` checks every block checksum."""
-        meta, blocks, _ = snapshot.open_snapshot(path, verify=verify)
-        return cls(meta, blocks, Path(path))
+    def add(self, src) -> int:
+        """Encode more rows with the existing mean and codebooks; returns the new count."""
+        self._add_unit(loader.load_vectors(src, self.dim))
+        return len(self)
 
     def __len__(self) -> int:
-        return int(self.meta.count)
+        return int(self.codes.shape[0])
 
     @property
     def bytes_per_vector(self) -> float:
-        """Bytes the scan needs per vector (codes + scale); fp16 rerank vectors counted separately."""
-        return self.meta.code_bytes + 4
+        """Bytes a vector costs in the scan (codes + scale), excluding the optional rerank store."""
+        return self.code_bytes + 2
 
-    # -- search ---------------------------------------------------------------------------
-    def _decode_unit(self, packed: np.ndarray) -> np.ndarray:
-        return self.meta.codebook[bitpack.unpack(packed, self.meta.bits, self.meta.padded_dim)]
-
-    def _gather(self, ids: np.ndarray, field: str) -> np.ndarray:
-        flat = ids.ravel()
-        bi = np.searchsorted(self._starts, flat, side="right") - 1
-        first = getattr(self.blocks[0], field)
-        out = np.empty((flat.size,) + first.shape[1:], first.dtype)
-        for b in np.unique(bi):
-            sel = bi == b
-            out[sel] = getattr(self.blocks[b], field)[flat[sel] - self._starts[b]]
-        return out.reshape(ids.shape + first.shape[1:])
+    # -- the scan engine ----------------------------------------------------------------------
+    def _group(self) -> int:
+        return 4 // self.bits if self.bits in (1, 2, 4) and self.padded_dim % (4 // self.bits) == 0 else 1
 
     def engine(self):
-        """The FAISS fast-scan engine over the codes, built on first use (from the codes, not the vectors)."""
-        if self._engine is None:
-            import faiss
-
-            pd = self.meta.padded_dim
-            if self.meta.bits == 4 and pd % 2 == 0:
-                eng = faiss.IndexPQFastScan(pd, pd, 4, faiss.METRIC_INNER_PRODUCT)
-            else:  # fast-scan is 4-bit only: other widths scan with the plain PQ kernel
-                eng = faiss.IndexPQ(pd, pd, self.meta.bits, faiss.METRIC_INNER_PRODUCT)
-            faiss.copy_array_to_vector(np.tile(self.meta.codebook, pd).astype(np.float32), eng.pq.centroids)
-            eng.is_trained = True
-            for b in self.blocks:
-                for i in range(0, len(b.scales), 16384):  # decoded levels re-encode to the same codes
-                    eng.add(self._decode_unit(np.asarray(b.codes[i:i + 16384])))
-            self._engine = eng
+        """The FAISS index over the packed codes (built on first search; codes are passed as-is)."""
+        if self._engine is not None:
+            return self._engine
+        g = self._group()
+        m, nbits = self.padded_dim // g, self.bits * g
+        pq = faiss.IndexPQ(self.padded_dim, m, nbits, faiss.METRIC_INNER_PRODUCT)
+        faiss.copy_array_to_vector(self._sub_centroids(g).ravel(), pq.pq.centroids)
+        pq.is_trained = True
+        if len(self):
+            faiss.copy_array_to_vector(np.ascontiguousarray(self.codes).ravel(), pq.codes)
+        pq.ntotal = len(self)
+        self._engine = faiss.IndexPQFastScan(pq) if nbits == 4 else pq
         return self._engine
 
-    def search(self, queries, k: int = 10, refine: int = 100, rerank: int = 0):
-        """Top-k by inner product for one query [d] or a batch [B, d]; returns (ids int64, scores f32).
+    def _sub_centroids(self, g: int) -> np.ndarray:
+        """[M, 2**(bits*g), g] centroids: the product of g per-coordinate codebooks (code = c0 + c1<<bits ...)."""
+        k = 1 << self.bits
+        cb = self.codebook.reshape(self.padded_dim // g, g, k)
+        v = np.arange(k ** g)
+        digits = (v[:, None] >> (self.bits * np.arange(g))[None, :]) & (k - 1)  # [k^g, g]
+        return np.stack([cb[:, i, digits[:, i]] for i in range(g)], axis=-1).astype(np.float32)
 
-        `refine`: candidates from the fast scan rescored from their codes (>= k); `rerank`: that many of the
-        best are rescored exactly with the stored fp16 vectors (0 = off)."""
-        if len(self) == 0:
-            raise AGPError("the index is empty; add vectors before searching")
-        single = np.ndim(queries) == 1
-        q = check_rows(np.atleast_2d(np.asarray(queries, np.float32)), "query", self.meta.dim)
-        if rerank and not self.meta.has_vectors:
-            raise AGPError("rerank needs stored vectors; build with keep_vectors (drop --no-vectors)")
-        k = min(int(k), len(self))
-        cand_n = min(max(refine, rerank, k), len(self))
-        qy = self.rotation.apply(q)
-        _, cand = self.engine().search(qy, cand_n)
+    # -- search -------------------------------------------------------------------------------
+    def search(self, queries, k: int = 10, rescore: int | None = None, rerank: int = 0):
+        """Top-k by inner product: returns (scores [nq, k] float32, ids [nq, k] int64; -1 pads).
+
+        `rescore` short-list size re-scored from the codes with float tables and row scales
+        (default max(4k, 64)); `rerank` > 0 re-scores that many candidates exactly with the stored
+        vectors (needs store fp16/fp32).
+        """
+        q = loader.check_rows(queries, "query", self.dim)
+        if k < 1:
+            raise AGPError(f"k must be >= 1, got {k}")
+        if rerank and self.vectors is None:
+            raise AGPError("rerank needs stored vectors; build the index with --store fp16 or fp32")
+        n = len(self)
+        short = min(n, max(k, rescore if rescore is not None else max(4 * k, 64), rerank))
+        nq = len(q)
+        if n == 0:
+            return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
+        zq = self.rotation.apply(q)
+        _, cand = self.engine().search(zq, short)
         cand = np.where(cand < 0, 0, cand)
-        est = np.einsum("bd,bcd->bc", qy, self._decode_unit(self._gather(cand, "codes").reshape(-1, self.meta.code_bytes))
-                        .reshape(cand.shape + (-1,))) * self._gather(cand, "scales")
-        est += (q @ self.meta.mean)[:, None]
+        scores = np.empty(cand.shape, np.float32)
+        for i in range(0, nq, 32):  # bounded memory: [32, short, pd] codes at a time
+            c = cand[i:i + 32]
+            lv = self._levels(bitpack.unpack(self.codes[c.ravel()], self.bits, self.padded_dim)).reshape(*c.shape, -1)
+            scores[i:i + 32] = np.einsum("qkd,qd->qk", lv, zq[i:i + 32]) * self.scale[c].astype(np.float32)
+        scores += (q @ self.mean)[:, None]
+        order = np.argsort(-scores, axis=1, kind="stable")
+        cand, scores = np.take_along_axis(cand, order, 1), np.take_along_axis(scores, order, 1)
         if rerank:
-            top = np.argsort(-est, axis=1)[:, :rerank]
-            cand = np.take_along_axis(cand, top, 1)
-            est = np.einsum("bd,bcd->bc", q, self._gather(cand, "vectors").astype(np.float32))
-        order = np.argsort(-est, axis=1, kind="stable")[:, :k]
-        ids = np.take_along_axis(cand, order, 1).astype(np.int64)
-        scores = np.take_along_axis(est, order, 1).astype(np.float32)
-        return (ids[0], scores[0]) if single else (ids, scores)
+            cand = cand[:, :rerank]
+            scores = np.einsum("qkd,qd->qk", self.vectors[cand].astype(np.float32), q)
+            order = np.argsort(-scores, axis=1, kind="stable")
+            cand, scores = np.take_along_axis(cand, order, 1), np.take_along_axis(scores, order, 1)
+        out_s = np.full((nq, k), -np.inf, np.float32)
+        out_i = np.full((nq, k), -1, np.int64)
+        kk = min(k, cand.shape[1])
+        out_s[:, :kk], out_i[:, :kk] = scores[:, :kk], cand[:, :kk]
+        return out_s, out_i
+
+    # -- snapshot -----------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the `.tqidx` snapshot atomically."""
+        arrays = {"mean": self.mean, "codebook": self.codebook, "scale": self.scale, "codes": self.codes}
+        if self.vectors is not None:
+            arrays["vectors"] = self.vectors
+        snapshot.write(path, {"dim": self.dim, "padded_dim": self.padded_dim, "bits": self.bits, "seed": self.seed,
+                              "rotation": self.rotation.kind, "count": len(self), "store": self.store,
+                              "code_bytes": self.code_bytes, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                       arrays)
+
+    @classmethod
+    def open(cls, path, verify: bool = True) -> "TQIndex":
+        """Open a snapshot: arrays are read-only views into a memory map (no copy)."""
+        snap = snapshot.Snapshot(path, verify=verify)
+        m, a = snap.meta, snap.arrays
+        try:
+            dim, pd, bits = int(m["dim"]), int(m["padded_dim"]), int(m["bits"])
+            if bits not in BITS or Rotation.padded_dim_for(dim) != pd or m.get("rotation", "hadamard") != "hadamard":
+                raise ValueError("bits / padded_dim / rotation")
+            n = int(m["count"])
+            ok = (a["mean"].shape == (dim,) and a["codebook"].shape == (pd, 1 << bits) and a["scale"].shape == (n,)
+                  and a["codes"].shape == (n, bitpack.packed_size(pd, bits)))
+            if not ok or (m["store"] != "none") != ("vectors" in a):
+                raise ValueError("section shapes")
+        except (KeyError, ValueError, TypeError) as e:
+            raise AGPError(f"{path}: snapshot header is inconsistent ({e}); rebuild it") from None
+        idx = cls(dim, bits, int(m["seed"]), a["mean"], a["codebook"], a["scale"], a["codes"], a.get("vectors"),
+                  store=m["store"], path=str(path))
+        idx._snapshot = snap
+        return idx
+
+    def info(self) -> dict:
+        """Vectors, dimension, bits, bytes and the compression ratio versus fp32."""
+        return {"vectors": len(self), "dim": self.dim, "padded_dim": self.padded_dim, "bits": self.bits,
+                "seed": self.seed, "store": self.store, "bytes_per_vector": self.bytes_per_vector,
+                "compression_vs_fp32": round(4 * self.dim / self.bytes_per_vector, 2)}
 
 
-def _unit(y: np.ndarray) -> np.ndarray:
-    return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-30)
+def _store_dtype(store: str):
+    return np.float16 if store == "fp16" else np.float32
+
+
+def append(path, src) -> int:
+    """Append rows to a snapshot (encoded with its mean and codebooks); rewrites it atomically."""
+    idx = TQIndex.open(path)
+    x = loader.load_vectors(src, idx.dim)
+    mem = TQIndex(idx.dim, idx.bits, idx.seed, np.array(idx.mean), np.array(idx.codebook), np.array(idx.scale),
+                  np.array(idx.codes), None if idx.vectors is None else np.array(idx.vectors), store=idx.store)
+    idx._snapshot.close()
+    del idx
+    mem._add_unit(x)
+    mem.save(path)
+    return len(mem)
