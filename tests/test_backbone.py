@@ -70,6 +70,7 @@ def test_encode_prepends_bos_and_rejects_bad_prompts(tiny_model_dir):
         bb.encode("   ")
     with pytest.raises(AGPError, match="over the limit"):
         bb.encode("x" * 600)
+    assert bb.encode("x" * 600, max_tokens=10, truncate=True) == bb.encode("x" * 9)
     with pytest.raises(AGPError, match="must be text"):
         bb.encode(b"\xff\xfe")
 

@@ -59,8 +59,9 @@ class Backbone:
         bos = getattr(self.tokenizer, "bos_token_id", None)
         return self.config.get("bos_token_id", bos) if bos is None else bos
 
-    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
-        """Token ids with BOS first (Gemma degrades without it)."""
+    def encode(self, text: str, max_tokens: int | None = None, truncate: bool = False) -> list[int]:
+        """Token ids with BOS first (Gemma degrades without it). Over `max_tokens` (default: the
+        model's context) it is an error, or with `truncate=True` the first `max_tokens` ids."""
         if not isinstance(text, str):
             raise AGPError(f"prompt must be text, got {type(text).__name__}")
         if not text.strip():
@@ -69,6 +70,8 @@ class Backbone:
         if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         limit = max_tokens or self.config.get("max_position_embeddings", 32768)
+        if len(ids) > limit and truncate:
+            return ids[:limit]
         if len(ids) > limit:
             raise AGPError(f"prompt is {len(ids)} tokens, over the limit of {limit}; shorten it or raise --max-tokens")
         return ids

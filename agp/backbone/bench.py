@@ -48,7 +48,7 @@ def measure(bb, tokens: int = 128, decode: int = 32, reps: int = 5) -> list[dict
     from agp.data.prompt_pack import build_prompt_pack
 
     text = " ".join(r["text"] for r in build_prompt_pack())
-    ids = bb.encode(text)[:tokens]
+    ids = bb.encode(text, max_tokens=tokens, truncate=True)
     tok = mx.array([ids])
     every = list(range(1, bb.n_layers + 1))
     rows = []

@@ -152,7 +152,7 @@ def collect(bb, rows, cfg, probe, d, read, progress=True) -> dict:
     want = sorted(set(probe) | set(read) | {d - 1, L_})
     per = []
     for r in tqdm(rows, desc="hidden states", unit="prompt", disable=not progress):
-        ids = bb.encode(r["text"])[: cfg.max_tokens]
+        ids = bb.encode(r["text"], max_tokens=cfg.max_tokens, truncate=True)
         if len(ids) < 2:
             continue
         h = hidden_at(bb, ids, want, list(range(1, len(ids))))
