@@ -78,7 +78,7 @@ class Receiver:
     loopback: bool = False
     hidden_size: int | None = None  # when set, the residual must be [span_len, hidden_size]
     centers: dict | None = None     # layer -> mean vector, for TurboQuant blobs centered on a per-layer mean
-    # a dense (Haar) rotation costs an O(d^3) QR for every new seed a sender names: ~1 s for d=640 on a busy
+    # a dense (Haar) rotation costs an O(d^3) QR for every new seed a sender names: 0.6-3 s for d=640 on this
     # 2-core host, from a 400-byte packet. It is the reference rotation, not a wire format: off unless asked.
     allow_dense: bool = False
 
