@@ -78,6 +78,9 @@ class Receiver:
     loopback: bool = False
     hidden_size: int | None = None  # when set, the residual must be [span_len, hidden_size]
     centers: dict | None = None     # layer -> mean vector, for TurboQuant blobs centered on a per-layer mean
+    # a dense (Haar) rotation costs an O(d^3) QR for every new seed a sender names: 0.6-3 s for d=640 on this
+    # 2-core host, from a 400-byte packet. It is the reference rotation, not a wire format: off unless asked.
+    allow_dense: bool = False
 
     def __post_init__(self):
         self._model, self._tok = fingerprint8(self.model_fp), fingerprint8(self.tokenizer_fp)
@@ -112,6 +115,9 @@ class Receiver:
             if meta["version"] not in self._codecs[meta["codec_id"]]:
                 raise CodecVersionMismatch(f"{what} codec {meta['scheme']} version {meta['version']} not in accepted "
                                            f"{sorted(self._codecs[meta['codec_id']])}", "payload")
+            if meta.get("rotation") == "dense" and not self.allow_dense:
+                raise UnknownCodec(f"{what} uses a dense TurboQuant rotation, which this receiver does not accept "
+                                   "(an O(d^3) build per seed); send hadamard or set allow_dense", "payload")
         shape = p.payload.meta["shape"]
         if len(shape) != 2 or shape[0] != idn.span_len:
             raise MalformedSection(f"residual shape {shape} must be [span_len={idn.span_len}, d]", "payload")
