@@ -54,7 +54,7 @@ def hidden_data(rows: int, queries: int, seed: int, layer: int = 12):
 
     bb = load()
     hs = []
-    for p in tqdm(build_prompt_pack(PromptPackArgs(per_source=400, max_chars=2000)), desc="hidden states", leave=False):
+    for p in tqdm(build_prompt_pack(PromptPackArgs(per_source=60, max_chars=2000)), desc="hidden states", leave=False):
         _, h = bb.capture(mx.array([bb.encode(p["text"])]), [layer])
         hs.append(np.array(h[layer][0].astype(mx.float32))[1:])  # drop BOS: identical across prompts
     x = np.concatenate(hs)
