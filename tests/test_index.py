@@ -110,36 +110,39 @@ def test_property_round_trip_any_shape(d, bits, seed):
 
 # -- bad input ------------------------------------------------------------------------------------
 
-def test_loader_errors(tmp_path):
+JSONL_BAD = [
+    ('[1, 2, 3]\n{"embedding": [1, 2]}\n', r"v.jsonl:2: ragged row"),
+    ('[1, 2]\n{"vector": [1, NaN]}\n', r"row 1 contains NaN or inf"),
+    ('{"text": "x"}\n', r"v.jsonl:1: object has none of the keys"),
+    ('[1, "a"]\n', r"v.jsonl:1: the vector must be"),
+    ("not json\n", r"v.jsonl:1: not valid JSON"),
+    ("", "empty file"),
+]
+NPY_BAD = [
+    (np.array([[1.0, 2.0], [np.inf, 0.0]], np.float32), None, r"v.npy: row 1 contains NaN or inf"),
+    (np.zeros((2, 2), np.float32), None, "row 0 is all zeros"),
+    (np.ones((3, 5), np.float32), 4, "dimension 5, the index has 4"),
+    (np.zeros((0, 4), np.float32), None, "no vectors"),
+]
+
+
+@pytest.mark.parametrize("text,pattern", JSONL_BAD)
+def test_jsonl_errors_name_file_and_row(tmp_path, text, pattern):
     p = tmp_path / "v.jsonl"
-    p.write_text('[1, 2, 3]\n{"embedding": [1, 2]}\n')
-    with pytest.raises(AGPError, match=r"v.jsonl:2: ragged row"):
+    p.write_text(text)
+    with pytest.raises(AGPError, match=pattern):
         load_vectors(p)
-    p.write_text('[1, 2]\n{"vector": [1, NaN]}\n')
-    with pytest.raises(AGPError, match=r"row 1 contains NaN or inf"):
-        load_vectors(p)
-    p.write_text('{"text": "x"}\n')
-    with pytest.raises(AGPError, match=r"v.jsonl:1: object has none of the keys"):
-        load_vectors(p)
-    p.write_text('[1, "a"]\n')
-    with pytest.raises(AGPError, match=r"v.jsonl:1: the vector must be"):
-        load_vectors(p)
-    p.write_text('not json\n')
-    with pytest.raises(AGPError, match=r"v.jsonl:1: not valid JSON"):
-        load_vectors(p)
-    p.write_text("")
-    with pytest.raises(AGPError, match="empty file"):
-        load_vectors(p)
-    n = tmp_path / "v.npy"
-    np.save(n, np.array([[1.0, 2.0], [np.inf, 0.0]], np.float32))
-    with pytest.raises(AGPError, match=r"v.npy: row 1 contains NaN or inf"):
-        load_vectors(n)
-    np.save(n, np.zeros((2, 2), np.float32))
-    with pytest.raises(AGPError, match="row 0 is all zeros"):
-        load_vectors(n)
-    np.save(n, np.ones((3, 5), np.float32))
-    with pytest.raises(AGPError, match="dimension 5, the index has 4"):
-        load_vectors(n, dim=4)
+
+
+@pytest.mark.parametrize("arr,dim,pattern", NPY_BAD)
+def test_npy_errors_name_file_and_row(tmp_path, arr, dim, pattern):
+    p = tmp_path / "v.npy"
+    np.save(p, arr)
+    with pytest.raises(AGPError, match=pattern):
+        load_vectors(p, dim=dim)
+
+
+def test_unknown_file_type(tmp_path):
     with pytest.raises(AGPError, match="unknown vector file type"):
         load_vectors(_touch(tmp_path / "v.csv"))
 
