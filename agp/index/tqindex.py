@@ -157,7 +157,9 @@ class TQIndex:
         if rerank and self.vectors is None:
             raise AGPError("rerank needs stored vectors; build the index with --store fp16 or fp32")
         n = len(self)
-        short = min(n, max(k, rescore if rescore is not None else max(4 * k, 64), rerank))
+        # rerank takes the best `rerank` by the code estimate out of a 2x wider fast-scan list: the
+        # fast scan's 8-bit tables would otherwise decide the rerank candidates on their own
+        short = min(n, max(k, rescore if rescore is not None else max(4 * k, 64), 2 * rerank))
         nq = len(q)
         if n == 0:
             return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
