@@ -93,3 +93,18 @@ STAGE2_AUROC_MIN = 0.55
 # acceptance 0.55-0.77 and error drop 0.01-0.08 (0.609 -> 0.551 in the run).
 STAGE2_ACCEPTANCE_MIN = 0.50
 STAGE2_ABSTAIN_ERROR_DROP = 0.01
+
+# --- issue 6: TurboQuant retrieval index (branch index) -----------------------------------------
+# gates/test_index.py runs on a random 50 K-row subset of the real Gemma 3 270M embedding table
+# (rows L2-normalised) with 1000 held-out queries; the full 262144-row comparison is `agp bench index`.
+INDEX_GATE_ROWS = 50000
+# Measured on this 50 K subset (gates/test_index.py, 2026-11-29 01:35 UTC, seed 0): 4-bit recall@10
+# 0.8894 without rerank, 0.9792 with rerank of 100; 1000 queries give a sampling s.e. of ~0.003, so
+# the floors sit ~3 s.e. below. The issue's full-table targets (>= 0.89, rerank@100 >= 0.98) are
+# checked on all 262144 rows by `agp bench index` (table in the note).
+INDEX_RECALL10_4BIT_MIN = 0.88
+# "Not below any 4-bit peer at no more bytes": recall@10 over 1000 queries has a sampling s.e. of
+# ~0.003, and turbovec's calibration draws its own random sample; allow one s.e. of slack.
+INDEX_PEER_TOLERANCE = 0.003
+# Rerank of 100 candidates with stored fp16 vectors: 0.9792 measured on the subset (see above).
+INDEX_RERANK100_RECALL10_MIN = 0.97

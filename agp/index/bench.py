@@ -1,16 +1,18 @@
-"""Retrieval index vs FAISS and turbovec peers on real vectors (recall@10, bytes, build, latency, throughput).
+"""Retrieval index vs FAISS and turbovec on real vectors (recall@10, bytes, build, latency, throughput).
 
-Datasets: the real Gemma 3 270M token-embedding table (262144 x 640) with 1000 rows held out as queries,
-and hidden states of the prompt pack (one layer, every position). Ground truth is exact fp32 inner
-product over L2-normalised rows. Every method runs in the same process, one at a time, with the same
-thread count, so ratios are fair.
+Data: the real Gemma 3 270M token-embedding table (262144 x 640), rows L2-normalised, `--queries`
+rows held out at random as queries; or hidden states of the prompt pack (`--data hidden`). Ground
+truth is the exact fp32 inner-product top-k. Every method runs in the same process on the same
+threads, so ratios are fair.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
+from dataclasses import dataclass, field
 
+import faiss
 import numpy as np
+from tqdm import tqdm
 
 from agp.config import ConfigMixin
 from agp.errors import AGPError
@@ -18,220 +20,237 @@ from agp.errors import AGPError
 K = 10
 
 
-@dataclasses.dataclass
+@dataclass
 class BenchArgs(ConfigMixin):
-    dataset: str = "embed"  # embed | hidden | both
-    rows: int = 0  # use only this many base rows of the embedding table (0 = all 262144)
-    queries: int = 1000  # held-out query rows
-    single: int = 200  # queries timed one at a time (mean, p95)
+    data: str = "table"          # table | hidden
+    rows: int = 0                # use this many base rows (0: all)
+    queries: int = 1000          # held-out query rows
+    single: int = 200            # queries timed one at a time
     threads: int = 2
-    layer: int = 12  # hidden-state layer for the `hidden` dataset
-    prompts: int = 12  # prompts per source for the `hidden` dataset
-    methods: str = "all"  # comma list of method names, or all
     seed: int = 0
+    methods: list = field(default_factory=list)  # subset of METHODS names (empty: all)
+    out: str = ""                # directory for table.md / results.json / plot
 
 
-# --- data ----------------------------------------------------------------------------------
-def embed_split(rows: int = 0, queries: int = 1000, seed: int = 0):
-    """(base, queries) of unit rows from the real embedding table, queries held out of the base."""
+def table_data(rows: int, queries: int, seed: int):
+    """(base, queries) unit rows from the embedding table; queries are held out (not in base)."""
     from agp.backbone.embedded import embedding_table
-    from agp.index.load import check_rows
+    from agp.index.loader import check_rows
 
-    t = embedding_table()
+    x = embedding_table()
     rng = np.random.default_rng(seed)
-    n = len(t)
-    keep = np.sort(rng.choice(n, rows + queries, replace=False)) if rows and rows + queries < n else np.arange(n)
-    qpos = np.sort(rng.choice(len(keep), queries, replace=False))
-    mask = np.ones(len(keep), bool)
-    mask[qpos] = False
-    x = check_rows(np.asarray(t[keep], np.float32), "embedding table")
-    return x[mask], x[qpos]
+    perm = rng.permutation(len(x))
+    base_ids = np.sort(perm[queries:queries + rows] if rows else perm[queries:])
+    return check_rows(x[base_ids], "embedding table"), check_rows(x[np.sort(perm[:queries])], "embedding table")
 
 
-def hidden_split(layer: int = 12, per_source: int = 12, queries: int = 200, seed: int = 0):
-    """(base, queries) of unit hidden states at `layer` over the prompt pack (real model)."""
+def hidden_data(rows: int, queries: int, seed: int, layer: int = 12):
+    """(base, queries) from the prompt pack's hidden states at `layer` (every position of every prompt)."""
+    import mlx.core as mx
+
     from agp.backbone import load
     from agp.data.prompt_pack import PromptPackArgs, build_prompt_pack
-    from agp.index.load import check_rows
+    from agp.index.loader import check_rows
 
     bb = load()
     hs = []
-    for p in build_prompt_pack(PromptPackArgs(per_source=per_source)):
-        _, got = bb.capture(bb.encode(p["text"]), [layer])
-        hs.append(np.asarray(got[layer][0], np.float32)[1:])  # drop BOS: its state is an outlier shared by all
-    x = check_rows(np.concatenate(hs), "prompt-pack hidden states")
+    for p in tqdm(build_prompt_pack(PromptPackArgs(per_source=60, max_chars=2000)), desc="hidden states", leave=False):
+        _, h = bb.capture(mx.array([bb.encode(p["text"])]), [layer])
+        hs.append(np.array(h[layer][0].astype(mx.float32))[1:])  # drop BOS: identical across prompts
+    x = np.concatenate(hs)
     rng = np.random.default_rng(seed)
-    qpos = rng.choice(len(x), min(queries, len(x) // 5), replace=False)
-    mask = np.ones(len(x), bool)
-    mask[qpos] = False
-    return x[mask], x[qpos]
+    perm = rng.permutation(len(x))
+    base = perm[queries:queries + rows] if rows else perm[queries:]
+    return check_rows(x[base], "hidden states"), check_rows(x[perm[:queries]], "hidden states")
 
 
-def ground_truth(base: np.ndarray, q: np.ndarray, k: int = K) -> np.ndarray:
-    """Exact top-k ids by inner product (blocked so memory stays bounded)."""
-    out = []
-    for i in range(0, len(q), 100):
-        s = q[i:i + 100] @ base.T
-        part = np.argpartition(-s, k, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(s, part, 1), axis=1)
-        out.append(np.take_along_axis(part, order, 1))
-    return np.concatenate(out)
+# -- methods: name -> (bits, builder(base, seed) -> (search(q, k) -> ids, bytes_per_vector)) -----
+
+def _faiss(index, base):
+    index.train(base[: min(len(base), 65536)])
+    index.add(base)
+    return (lambda q, k: index.search(q, k)[1]), index.sa_code_size() if hasattr(index, "sa_code_size") else None
 
 
-def recall(ids: np.ndarray, gt: np.ndarray, k: int = K) -> float:
-    """Mean fraction of the true top-k found in the returned top-k."""
-    return float(np.mean([len(set(a[:k].tolist()) & set(b[:k].tolist())) / k for a, b in zip(ids, gt)]))
+def _flat(base, seed):
+    idx = faiss.IndexFlatIP(base.shape[1])
+    idx.add(base)
+    return (lambda q, k: idx.search(q, k)[1]), 4 * base.shape[1]
 
 
-# --- methods: name -> (build(base) -> searcher(q, k) -> ids, bytes per vector) ---------------
-def _faiss(factory: str, rotate: bool = False):
-    def build(base):
-        import faiss
-
+def _sq(qtype, rotate):
+    def build(base, seed):
         d = base.shape[1]
-        ix = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        sq = faiss.IndexScalarQuantizer(d, qtype, faiss.METRIC_INNER_PRODUCT)
+        idx = faiss.IndexPreTransform(faiss.RandomRotationMatrix(d, d), sq) if rotate else sq
         if rotate:
-            rr = faiss.RandomRotationMatrix(d, d)
-            rr.init(123)
-            ix = faiss.IndexPreTransform(rr, ix)
-        rng = np.random.default_rng(0)
-        ix.train(base[rng.choice(len(base), min(len(base), 50000), replace=False)])
-        ix.add(base)
-        code = ix.sa_code_size() if factory != "Flat" else 4 * d
-        return (lambda q, k: ix.search(q, k)[1]), code
+            idx.prepend_transform  # noqa: B018  (keeps the reference alive with the index)
+        idx.train(base[: min(len(base), 65536)])
+        idx.add(base)
+        return (lambda q, k: idx.search(q, k)[1]), sq.sa_code_size()
     return build
 
 
-def _turbovec(bits: int, calibrate: bool):
-    def build(base):
+def _pq_fastscan(base, seed):
+    d = base.shape[1]
+    idx = faiss.IndexPQFastScan(d, d, 4, faiss.METRIC_INNER_PRODUCT)  # 4 bits per coordinate: equal bytes
+    idx.pq.cp.niter = 10  # 640 one-dimensional k-means: 10 rounds converge, the default 25 takes minutes here
+    idx.train(base[np.random.default_rng(seed).choice(len(base), min(len(base), 4096), replace=False)])
+    idx.add(base)
+    return (lambda q, k: idx.search(q, k)[1]), d // 2
+
+
+def _rabitq(base, seed):
+    if not hasattr(faiss, "IndexRaBitQFastScan"):
+        raise AGPError("this faiss has no RaBitQ")
+    d = base.shape[1]
+    idx = faiss.IndexRaBitQFastScan(d, faiss.METRIC_INNER_PRODUCT)
+    idx.train(base[: min(len(base), 65536)])
+    idx.add(base)
+    return (lambda q, k: idx.search(q, k)[1]), idx.sa_code_size()
+
+
+def _turbovec(bits, calibrate):
+    def build(base, seed):
         import turbovec
 
-        ix = turbovec.TurboQuantIndex(base.shape[1], bits)
-        if calibrate:
-            rng = np.random.default_rng(0)
-            ix.calibrate(np.ascontiguousarray(base[rng.choice(len(base), min(len(base), 4096), replace=False)]))
-        ix.add(base)
-        ix.prepare()
-        code = (base.shape[1] * bits + 7) // 8 + 4  # codes + one f32 norm per row (its .tv layout)
-        return (lambda q, k: ix.search(q, k)[1]), code
+        idx = turbovec.TurboQuantIndex(dim=base.shape[1], bit_width=bits)
+        if calibrate:  # a uniform random sample, as turbovec's docs require
+            idx.calibrate(base[np.random.default_rng(seed).choice(len(base), min(len(base), 2048), replace=False)])
+        idx.add(base)
+        idx.prepare()
+        return (lambda q, k: idx.search(q, k)[1]), len(idx.to_bytes()) / len(base)
     return build
 
 
-def _agp(bits: int, rerank: int = 0):
-    def build(base):
+def _agp(bits, rerank):
+    def build(base, seed):
         from agp.index.tqindex import IndexArgs, TQIndex
 
-        ix = TQIndex.build(base, IndexArgs(bits=bits, keep_vectors=bool(rerank)))
-        ix.engine()
-        code = ix.bytes_per_vector + (2 * base.shape[1] if rerank else 0)
-        return (lambda q, k: ix.search(q, k, rerank=rerank)[0]), code
+        idx = TQIndex.build(base, IndexArgs(bits=bits, seed=seed, store="fp16" if rerank else "none"))
+        idx.engine()
+        return (lambda q, k: idx.search(q, k, rerank=rerank)[1]), idx.bytes_per_vector
     return build
 
 
 METHODS = {
-    "exact fp32": _faiss("Flat"),
-    "faiss SQ8": _faiss("SQ8"),
-    "faiss SQ8 +rot": _faiss("SQ8", rotate=True),
-    "faiss SQ4": _faiss("SQ4"),
-    "faiss SQ4 +rot": _faiss("SQ4", rotate=True),
-    "faiss PQ640x4 fast-scan": _faiss("PQ640x4fs"),
-    "faiss RaBitQ4 fast-scan": _faiss("RaBitQfs4"),
-    "turbovec 4b": _turbovec(4, False),
-    "turbovec 4b calibrated": _turbovec(4, True),
-    "turbovec 2b": _turbovec(2, False),
-    "turbovec 2b calibrated": _turbovec(2, True),
-    "agp tq 2b": _agp(2),
-    "agp tq 4b": _agp(4),
-    "agp tq 4b rerank@100": _agp(4, 100),
-    "agp tq 8b": _agp(8),
-    "agp tq 8b rerank@100": _agp(8, 100),
+    "exact fp32": (32, _flat),
+    "faiss SQ8": (8, _sq(faiss.ScalarQuantizer.QT_8bit, False)),
+    "faiss SQ8 +rot": (8, _sq(faiss.ScalarQuantizer.QT_8bit, True)),
+    "faiss SQ4": (4, _sq(faiss.ScalarQuantizer.QT_4bit, False)),
+    "faiss SQ4 +rot": (4, _sq(faiss.ScalarQuantizer.QT_4bit, True)),
+    "faiss PQ4 fast-scan": (4, _pq_fastscan),
+    "faiss RaBitQ fast-scan": (1, _rabitq),
+    "turbovec 4b": (4, _turbovec(4, False)),
+    "turbovec 4b calib": (4, _turbovec(4, True)),
+    "turbovec 2b": (2, _turbovec(2, False)),
+    "turbovec 2b calib": (2, _turbovec(2, True)),
+    "agp 4b": (4, _agp(4, 0)),
+    "agp 4b rerank100": (4, _agp(4, 100)),
+    "agp 8b": (8, _agp(8, 0)),
+    "agp 8b rerank100": (8, _agp(8, 100)),
+    "agp 2b": (2, _agp(2, 0)),
 }
-def bits_of(name: str) -> int | None:
-    """Bits per coordinate a method spends (None for fp32 / 8-bit families)."""
-    for tok, b in (("2b", 2), ("4b", 4), ("SQ4", 4), ("x4", 4), ("RaBitQ4", 4), ("8b", 8), ("SQ8", 8)):
-        if tok in name:
-            return b
-    return None
 
 
-def measure(name: str, base: np.ndarray, q: np.ndarray, gt: np.ndarray, single: int = 200) -> dict:
-    """Build one method and time it: recall@10, bytes/vector, build s, single mean/p95 ms, batch qps."""
-    t0 = time.perf_counter()
-    search, code = METHODS[name](base)
-    build_s = time.perf_counter() - t0
-    search(q[:2], K)  # warm caches / lazy engines
-    t0 = time.perf_counter()
-    ids = search(q, K)
-    batch_s = time.perf_counter() - t0
+def recall(ids: np.ndarray, gt: np.ndarray, k: int = K) -> float:
+    """Mean fraction of the exact top-k found in the returned top-k."""
+    return float(np.mean([len(set(a[:k].tolist()) & set(b[:k].tolist())) / k for a, b in zip(ids, gt)]))
+
+
+def measure(name, base, queries, gt, args: BenchArgs) -> dict:
+    """Build one method, then time batch search and `args.single` one-query searches."""
+    bits, builder = METHODS[name]
+    t = time.perf_counter()
+    search, bpv = builder(base, args.seed)
+    build_s = time.perf_counter() - t
+    search(queries[:1], K)  # warm caches
+    t = time.perf_counter()
+    ids = search(queries, K)
+    batch_s = time.perf_counter() - t
     lat = []
-    for i in range(min(single, len(q))):
-        a = time.perf_counter()
-        search(q[i:i + 1], K)
-        lat.append(time.perf_counter() - a)
+    for i in range(min(args.single, len(queries))):
+        t = time.perf_counter()
+        search(queries[i:i + 1], K)
+        lat.append(time.perf_counter() - t)
     lat = np.array(lat) * 1e3
-    return {"method": name, "bits": bits_of(name), "bytes_per_vector": float(code),
-            "recall@10": recall(np.asarray(ids), gt), "build_s": build_s,
-            "single_mean_ms": float(lat.mean()), "single_p95_ms": float(np.percentile(lat, 95)),
-            "batch_qps": len(q) / batch_s}
+    return {"method": name, "bits": bits, "bytes_per_vector": round(float(bpv), 1), "recall@10": round(recall(ids, gt), 4),
+            "build_s": round(build_s, 2), "single_mean_ms": round(float(lat.mean()), 3),
+            "single_p95_ms": round(float(np.percentile(lat, 95)), 3), "batch_qps": round(len(queries) / batch_s, 1)}
 
 
-def format_table(rows: list[dict], title: str) -> str:
-    """Markdown table of `measure` results."""
-    head = ("| method | bytes/vec | recall@10 | build s | single mean ms | single p95 ms | batch q/s |\n"
-            "|---|---:|---:|---:|---:|---:|---:|\n")
-    body = "".join(f"| {r['method']} | {r['bytes_per_vector']:.0f} | {r['recall@10']:.4f} | {r['build_s']:.1f} | "
-                   f"{r['single_mean_ms']:.2f} | {r['single_p95_ms']:.2f} | {r['batch_qps']:.0f} |\n" for r in rows)
-    return f"### {title}\n\n{head}{body}"
-
-
-def run(args: BenchArgs, progress: bool = True) -> dict:
-    """Run every selected method on every selected dataset; returns {dataset: rows}."""
-    import faiss
-
+def run(args: BenchArgs) -> list[dict]:
+    """Every selected method on one data set; returns one result row per method."""
     faiss.omp_set_num_threads(args.threads)
-    names = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
-    unknown = [m for m in names if m not in METHODS]
+    base, queries = (table_data if args.data == "table" else hidden_data)(args.rows, args.queries, args.seed)
+    gt = faiss.IndexFlatIP(base.shape[1])
+    gt.add(base)
+    gt = gt.search(queries, K)[1]
+    names = args.methods or list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
     if unknown:
-        raise AGPError(f"unknown bench method(s) {unknown}; choose from: {', '.join(METHODS)}")
-    sets = {"embed": ["embed"], "hidden": ["hidden"], "both": ["embed", "hidden"]}.get(args.dataset)
-    if sets is None:
-        raise AGPError(f"--dataset must be embed, hidden or both, got {args.dataset!r}")
-    out = {}
-    for ds in sets:
-        if ds == "embed":
-            base, q = embed_split(args.rows, args.queries, args.seed)
-            title = f"Gemma 3 270M token embeddings: {len(base)} x {base.shape[1]} base, {len(q)} held-out queries"
-        else:
-            base, q = hidden_split(args.layer, args.prompts, seed=args.seed)
-            title = f"prompt-pack hidden states, layer {args.layer}: {len(base)} x {base.shape[1]} base, {len(q)} queries"
-        gt = ground_truth(base, q)
-        rows = []
-        it = names
-        if progress:
-            from tqdm import tqdm
-            it = tqdm(names, desc=ds, unit="method")
-        for name in it:
-            rows.append(measure(name, base, q, gt, args.single))
-        out[ds] = {"title": title, "rows": rows}
-    return out
+        raise AGPError(f"unknown bench methods {unknown}; choose from {list(METHODS)}")
+    rows = []
+    for name in tqdm(names, desc=f"index bench ({len(base)} x {base.shape[1]})"):
+        try:
+            rows.append(measure(name, base, queries, gt, args))
+        except AGPError as e:  # a peer missing from this install: say so in the table
+            rows.append({"method": name, "bits": METHODS[name][0], "note": str(e)})
+    for r in rows:
+        r.update(data=args.data, base_rows=len(base), dim=base.shape[1], queries=len(queries))
+    return rows
 
 
-def add_arguments(p):
-    for f in dataclasses.fields(BenchArgs):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                       help={"dataset": "embed (262144-row token table), hidden (prompt-pack states) or both",
-                             "rows": "base rows of the table to use (0 = all)",
-                             "methods": f"comma list or all; names: {', '.join(METHODS)}"}.get(f.name))
-    p.add_argument("--json", help="also write the results as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+COLS = ["method", "bits", "bytes_per_vector", "recall@10", "build_s", "single_mean_ms", "single_p95_ms", "batch_qps"]
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of the result rows."""
+    out = ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
+    for r in rows:
+        out.append("| " + " | ".join(str(r.get(c, r.get("note", "-") if c == "recall@10" else "-")) for c in COLS) + " |")
+    return "\n".join(out)
+
+
+def add_arguments(p) -> None:
+    p.description = __doc__
+    p.add_argument("--data", choices=["table", "hidden"], default="table", help="real vectors: embedding table or prompt-pack hidden states")
+    p.add_argument("--rows", type=int, default=0, help="base rows (0 = all; the table has 262144 minus the queries)")
+    p.add_argument("--queries", type=int, default=1000, help="held-out query rows")
+    p.add_argument("--single", type=int, default=200, help="queries timed one at a time for mean/p95 latency")
+    p.add_argument("--threads", type=int, default=2, help="FAISS OpenMP threads")
+    p.add_argument("--methods", nargs="*", default=[], help=f"subset of: {', '.join(METHODS)}")
+    p.add_argument("--out", default="", help="directory to write table.md, results.json and recall_latency.png")
 
 
 def main(args) -> int:
-    ba = BenchArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchArgs)})
-    res = run(ba, progress=not args.no_progress)
-    for ds in res.values():
-        print(format_table(ds["rows"], ds["title"]))
-    if args.json:
-        from agp.io import write_json
-        write_json(args.json, {"args": ba.to_dict(), "results": res})
+    """`agp bench index`: print the comparison table (and write it with --out)."""
+    ba = BenchArgs(data=args.data, rows=args.rows, queries=args.queries, single=args.single, threads=args.threads,
+                   methods=args.methods, out=args.out)
+    rows = run(ba)
+    text = format_table(rows)
+    print(f"\nindex bench: {rows[0]['data']} {rows[0]['base_rows']} x {rows[0]['dim']}, {rows[0]['queries']} queries, "
+          f"{ba.threads} threads, recall@{K}\n")
+    print(text)
+    if ba.out:
+        from pathlib import Path
+
+        from agp.io import write_json, write_text
+        from agp.report.plots import save
+
+        out = Path(ba.out)
+        write_text(out / "table.md", text + "\n")
+        write_json(out / "results.json", rows)
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in rows:
+            if "recall@10" in r and isinstance(r["recall@10"], float):
+                ax.scatter(r["single_p95_ms"], r["recall@10"], s=20 + r["bytes_per_vector"] / 10)
+                ax.annotate(r["method"], (r["single_p95_ms"], r["recall@10"]), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("single-query p95 latency (ms, log)")
+        ax.set_ylabel("recall@10")
+        ax.set_title("retrieval index: recall vs latency (marker size ~ bytes/vector)")
+        save(fig, out / "recall_latency.png")
     return 0

@@ -38,7 +38,7 @@ class IndexArgs(ConfigMixin):
     bits: int = 4            # bits per rotated coordinate (4 and 8; 2 and 3 as options)
     seed: int = 0            # rotation seed
     store: str = "none"      # keep vectors for exact rerank: none | fp16 | fp32
-    fit_rows: int = 4096     # rows sampled to fit the mean-free codebook shape
+    fit_rows: int = 1024     # rows sampled to fit the codebook shape (x padded_dim coordinates each)
     centre: bool = True      # subtract the build set's mean before rotating
 
 
@@ -51,7 +51,7 @@ class TQIndex:
         self.padded_dim = self.rotation.padded_dim
         self.mean, self.codebook, self.scale, self.codes, self.vectors = mean, codebook, scale, codes, vectors
         self.code_bytes = bitpack.packed_size(self.padded_dim, self.bits)
-        self._bounds = [lloyd_max.boundaries(c) for c in codebook]
+        self._bounds = np.ascontiguousarray((codebook[:, 1:] + codebook[:, :-1]) * np.float32(0.5))  # [pd, 2**bits - 1]
         self._engine = None
         self._snapshot = None
 
@@ -83,9 +83,9 @@ class TQIndex:
         codes, scales = [], []
         for i in range(0, len(x), ENCODE_CHUNK):
             z = self.rotation.apply(x[i:i + ENCODE_CHUNK] - self.mean)
-            idx = np.empty(z.shape, np.uint8)
-            for j, b in enumerate(self._bounds):
-                idx[:, j] = lloyd_max.quantize(z[:, j], self.codebook[j], b)
+            idx = np.zeros(z.shape, np.uint8)
+            for t in range(self._bounds.shape[1]):  # count the boundaries below each coordinate
+                idx += z > self._bounds[:, t]
             zh = self._levels(idx)
             scales.append((np.einsum("nd,nd->n", z, zh) / np.maximum(np.einsum("nd,nd->n", zh, zh), 1e-30)).astype(np.float16))
             codes.append(bitpack.pack(idx, self.bits))
@@ -157,7 +157,9 @@ class TQIndex:
         if rerank and self.vectors is None:
             raise AGPError("rerank needs stored vectors; build the index with --store fp16 or fp32")
         n = len(self)
-        short = min(n, max(k, rescore if rescore is not None else max(4 * k, 64), rerank))
+        # rerank takes the best `rerank` by the code estimate out of a 2x wider fast-scan list: the
+        # fast scan's 8-bit tables would otherwise decide the rerank candidates on their own
+        short = min(n, max(k, rescore if rescore is not None else max(4 * k, 64), 2 * rerank))
         nq = len(q)
         if n == 0:
             return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
