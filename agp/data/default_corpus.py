@@ -19,6 +19,7 @@ from pathlib import Path
 
 from agp.config import ConfigMixin
 from agp.data.jsonl import ReadStats
+from agp.data.prompt_pack import _cut
 from agp.data.sources import read_pairs
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "corpus"
@@ -34,14 +35,6 @@ class CorpusArgs(ConfigMixin):
     max_chars: int = 600     # response length cap (cut at a line end)
     min_chars: int = 120
     seed: int = 0
-
-
-def _cut(text: str, max_chars: int) -> str:
-    text = text.strip()
-    if len(text) <= max_chars:
-        return text
-    cut = text.rfind("\n", 0, max_chars)
-    return text[: cut if cut > max_chars // 2 else max_chars].rstrip()
 
 
 def _pair(fmt: str, origin: str, prompt: str, response: str, **meta) -> dict:
