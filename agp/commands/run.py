@@ -66,14 +66,14 @@ def run_stage(run: runs.Run, mod, args) -> bool:
         run.update_stage(name, status="failed", error=traceback.format_exc(limit=5))
         raise
     run.update_stage(name, status="done", metrics=metrics, seconds=round(time.perf_counter() - t0, 2))
+    from agp.report.build import build
+    build(run)  # before the gate too: gates check the report exists
     if args.no_gates:
         run.update_stage(name, gate={"outcome": "not run", "summary": "--no-gates"})
-        from agp.report.build import build
         build(run)
         return True
     outcome = run_gate(run, mod.MARKER)
     run.update_stage(name, gate=outcome)
-    from agp.report.build import build
     build(run)
     print(f"agp: gate {mod.MARKER}: {outcome['outcome']} ({outcome['summary']})")
     return outcome["outcome"] == "passed"
