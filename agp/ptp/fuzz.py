@@ -160,27 +160,26 @@ def _section_mutate(rng, d, spans):
     return reseal(b, spans), True, None
 
 
-def _codec_id(rng, d, spans):
-    b = bytearray(d)
-    so, ln = spans[-1]
+def _codec_offset(b: bytearray, spans) -> int:
+    """Offset of the codec blob's id byte inside the payload section (version byte follows)."""
+    so, _ = spans[-1]
     pflags, off = b[so], so + 1
     off += 4 if pflags & 1 else 0
     if pflags & 2:
         n, off = read_varint(b, off, max_bytes=4)
         off += n
-    b[off] = int(rng.integers(4, 256))
+    return off
+
+
+def _codec_id(rng, d, spans):
+    b = bytearray(d)
+    b[_codec_offset(b, spans)] = int(rng.integers(4, 256))
     return reseal(b, spans), True, "codec"
 
 
 def _codec_version(rng, d, spans):
     b = bytearray(d)
-    so, ln = spans[-1]
-    pflags, off = b[so], so + 1
-    off += 4 if pflags & 1 else 0
-    if pflags & 2:
-        n, off = read_varint(b, off, max_bytes=4)
-        off += n
-    b[off + 1] = int(rng.choice([0, 2, 7, 255]))
+    b[_codec_offset(b, spans) + 1] = int(rng.choice([0, 2, 7, 255]))
     return reseal(b, spans), True, "codec-version"
 
 
