@@ -71,3 +71,15 @@ def test_split_proportions_are_roughly_80_10_10():
 def test_fast_blas_is_in_use_on_linux():
     assert BLAS["blas"] == "openblas", f"slow reference BLAS in use: {BLAS}; install libopenblas0-pthread"
     assert os.path.exists(BLAS["path"])
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    dest = tmp_path / "model"
+    with io.atomic_dir(dest) as work:
+        (work / "a.txt").write_text("one")
+    with pytest.raises(RuntimeError):
+        with io.atomic_dir(dest) as work:
+            (work / "a.txt").write_text("two")
+            raise RuntimeError("interrupted")
+    assert (dest / "a.txt").read_text() == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no temp directory may be left behind"

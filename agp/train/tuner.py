@@ -213,14 +213,6 @@ def fit(model, train_set: list, *, iters: int, batch_size: int, max_seq: int, le
 
 def save_adapter(dest: Path, model, config: dict, meta: dict) -> None:
     """Write the adapter directory (mlx-lm layout + AGP metadata) beside `dest`, then rename it in."""
-    dest = Path(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
+    with io.atomic_dir(dest) as tmp:
         save_safetensors(tmp / WEIGHTS, dict(tree_flatten(model.trainable_parameters())))
         io.write_json(tmp / CONFIG, {**config, "agp": {**meta, "weights_sha256": io.sha256_file(tmp / WEIGHTS)}})
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
