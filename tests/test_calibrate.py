@@ -79,3 +79,15 @@ def test_fit_thresholds_reaches_recall_on_valid_and_gate():
     assert (conf >= g).mean() >= 0.7
     sw = P.gate_sweep(conf, act == y)
     assert all(a >= b for a, b in zip(sw["acceptance"], sw["acceptance"][1:]))
+
+
+def test_bootstrap_recall_resamples_prompts():
+    y = np.array([1, 1, 1, 1, 0, 1, 1, 0])
+    pred = np.array([1, 1, 0, 0, 0, 1, 1, 1])
+    g = np.array(["a", "a", "b", "b", "b", "c", "c", "c"])
+    r = M.bootstrap_recall(y, pred, g, 1, n=500)
+    assert r["recall"] == pytest.approx(4 / 6) and r["support"] == 6 and r["groups"] == 3
+    assert 0.0 <= r["lo"] <= r["recall"] <= r["hi"] <= 1.0 and r["lo"] < r["hi"]
+    one = M.bootstrap_recall(y, y, g, 1)                  # perfect recall has no spread
+    assert one["lo"] == one["hi"] == 1.0
+    assert np.isnan(M.bootstrap_recall(y, pred, g, 2)["recall"])

@@ -87,3 +87,23 @@ def nll(probs: np.ndarray, y: np.ndarray) -> float:
     """Mean negative log-likelihood of the true class."""
     p = np.asarray(probs)[np.arange(len(y)), np.asarray(y)]
     return float(-np.log(np.clip(p, 1e-12, 1)).mean())
+
+
+def bootstrap_recall(y, pred, groups, cls: int, n: int = 1000, level: float = 0.9, seed: int = 0) -> dict:
+    """Recall of class `cls` with a `level` confidence interval from resampling whole groups (prompts):
+    positions of one prompt are correlated, so resampling positions would understate the spread.
+    Returns {"recall", "lo", "hi", "support", "groups"}; NaNs when the class is absent."""
+    y, pred, groups = np.asarray(y), np.asarray(pred), np.asarray(groups)
+    pos = y == cls
+    ids, inv = np.unique(groups, return_inverse=True)
+    tp = np.bincount(inv, weights=(pos & (pred == cls)).astype(float), minlength=len(ids))
+    sup = np.bincount(inv, weights=pos.astype(float), minlength=len(ids))
+    out = {"recall": float(tp.sum() / sup.sum()) if sup.sum() else float("nan"),
+           "support": int(sup.sum()), "groups": int((sup > 0).sum()), "lo": float("nan"), "hi": float("nan")}
+    if sup.sum() == 0:
+        return out
+    draw = np.random.default_rng(seed).integers(0, len(ids), size=(n, len(ids)))
+    t, s = tp[draw].sum(1), sup[draw].sum(1)
+    r = t[s > 0] / s[s > 0]
+    out["lo"], out["hi"] = (float(v) for v in np.quantile(r, [(1 - level) / 2, (1 + level) / 2]))
+    return out

@@ -83,6 +83,11 @@ def write_report(out, m, abstain, cal, probs, y, sweep_rows=()) -> None:
     targets = " | ".join(f"agreement ≥ {t}" for t in m["savings"]["oracle (ceiling)"])
     var = "\n".join(f"| {k} | {v['route_macro_f1']:.3f} | {_f(v.get('vitality_macro_f1'))} | {v['macs']:,} |"
                     for k, v in m["controller"]["variants"].items())
+    ci = c.get("policy_recall_ci90_by_prompt") or {}
+    ci_txt = "; ".join(f"{a} {_f(v['recall'])} [{_f(v['lo'])}, {_f(v['hi'])}] ({v['support']} positions, {v['groups']} prompts)"
+                       for a, v in ci.items())
+    if (ci.get("revive_local") or {}).get("corrective_coverage") is not None:
+        ci_txt += f"; revive_local positions sent to revive or escalate: {ci['revive_local']['corrective_coverage']:.3f}"
     shares = lambda d: ", ".join(f"{k} {v:.1%}" for k, v in d.items())  # noqa: E731
     raw = m["layers"].get("raw_lens_top1_agree_stage0") or {}
     lens_rows = "\n".join(f"| {l} | {_f(raw.get(l, raw.get(str(l))))} | {a:.3f} |"
@@ -121,6 +126,7 @@ Vitality shares (train): {shares(lab['vitality_shares']['train'])}. Oracle mean 
 {table}
 
 Controller policy: per-action thresholds {', '.join(f'{k} {v:.2f}' for k, v in c['thresholds'].items())} (escalate/revive for recall ≥ {m['config']['policy']['recall_target']}, accept for precision ≥ {m['config']['policy']['precision_target']} on valid).
+Policy recall with 90% intervals from resampling held-out prompts: {ci_txt}.
 Confusion (rows true, columns predicted {', '.join(ROUTES)}):
 
 | true | {' | '.join(ROUTES)} |
