@@ -58,21 +58,24 @@ class Translator:
         return h @ self.W + self.b
 
 
-def fit_translator(h_l: np.ndarray, h_final: np.ndarray, ridge: float = 1e-2) -> Translator:
+def fit_translator(h_l: np.ndarray, h_final: np.ndarray, ridge: float = 0.1) -> Translator:
     """Ridge least squares from layer-l hidden states to final hidden states (a cheap tuned lens:
     fitted to the final hidden state, not to the KL; the final norm and head then apply as usual).
-    Inputs are scaled per feature first so Gemma's few huge-norm channels do not dominate."""
+    Residual form, as in the tuned lens: the ridge shrinks the map towards the identity (plus a
+    mean shift), so a layer the raw lens already reads well is not made worse. Inputs are scaled
+    per feature first so Gemma's few huge-norm channels do not dominate."""
     if len(h_l) < 2:
         raise AGPError("need at least 2 train positions to fit a tuned-lens translator; add prompts")
-    mu_x, mu_y = h_l.mean(0), h_final.mean(0)
-    sx = h_l.std(0) + 1e-6
+    mu_x, sx = h_l.mean(0), h_l.std(0) + 1e-6
     X = (h_l - mu_x) / sx
-    Y = h_final - mu_y
+    R = h_final - h_l
+    mu_r = R.mean(0)
     n, d = X.shape
     A = X.T @ X / n + ridge * np.eye(d, dtype=np.float64)
-    Wn = np.linalg.solve(A, X.T.astype(np.float64) @ Y / n)
-    W = (Wn / sx[:, None]).astype(np.float32)
-    b = (mu_y - mu_x @ W).astype(np.float32)
+    Wn = np.linalg.solve(A, X.T.astype(np.float64) @ (R - mu_r) / n)
+    Wr = (Wn / sx[:, None]).astype(np.float32)
+    W = Wr + np.eye(d, dtype=np.float32)
+    b = (mu_r - mu_x @ Wr).astype(np.float32)
     return Translator(W, b)
 
 
