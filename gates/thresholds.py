@@ -59,6 +59,20 @@ STAGE1_MIN_EVAL_TOKENS = 150
 # 4 GiB fails a config that materialises much larger logits without being flaky.
 STAGE1_PEAK_MEMORY_GB_MAX = 4.0
 
+# Information ceiling: a route head that also reads the LM-head probe statistics at D (entropy,
+# top-1 probability, margin; not deployable) measures how much of the label the state at D holds.
+# Measured argmax macro-F1, controller vs ceiling: 0.555 vs 0.563 (stage 2 re-run with this gate's
+# code on the artifacts of run 20261129-044439-4ccea4, 576 held-out positions), 0.608 vs 0.601
+# offline on 13 312 positions.
+# A gap over 0.05 (about twice the spread between those runs) means the deployed heads leave signal
+# the state holds on the table (undertrained, or reading too little).
+STAGE2_CEILING_GAP_MAX = 0.05
+# Safety-recall frontier (same run): over every escalate/revive threshold pair, chosen on held-out
+# itself, the best balanced point is escalate 0.71 / revive 0.74 and it flags 100% of positions;
+# the ceiling head's is 0.71 / 0.68. Near-exact recall of both is out of reach of any policy on
+# these labels at D = 12 (also at D = 9, 15, 17 and every kl_dead / margin_delta grid step, measured
+# offline; docs/labels.md), which is why issue 4 is reported blocked.
+
 # --- stage 2: controller (gates/test_stage2_controller.py) -----------------------------------
 # Measured on the embedded 270M, base backbone, default config (40 prompts x 16 positions,
 # probe layers 6/9/12/15/17, decision layer 12, cross-fitted tuned lens), run dir

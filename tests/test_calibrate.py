@@ -91,3 +91,18 @@ def test_bootstrap_recall_resamples_prompts():
     one = M.bootstrap_recall(y, y, g, 1)                  # perfect recall has no spread
     assert one["lo"] == one["hi"] == 1.0
     assert np.isnan(M.bootstrap_recall(y, pred, g, 2)["recall"])
+
+
+def test_recall_frontier_separable_vs_confused():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, 800)
+    sep = P.recall_frontier(softmax(np.eye(4)[y] * 6.0), y)        # the two classes told apart: both reach 1
+    b = sep["best_balanced"]
+    assert b["escalate_recall"] == 1.0 and b["revive_recall"] == 1.0
+    same = np.tile([0.1, 0.1, 0.4, 0.4], (len(y), 1))               # identical scores: one class or the other
+    conf = P.recall_frontier(same, y)
+    assert min(conf["best_balanced"]["escalate_recall"], conf["best_balanced"]["revive_recall"]) == 0.0
+    pts = [(p["escalate_recall"], p["revive_recall"]) for p in conf["points"]]
+    assert (1.0, 0.0) in pts and (0.0, 1.0) in pts                # both corners, nothing dominated
+    assert all(not (a >= c and b_ >= d and (a, b_) != (c, d)) for a, b_ in pts for c, d in pts)
+    assert P.recall_frontier(same, np.zeros(len(y), int))["best_balanced"] is None

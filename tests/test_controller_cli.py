@@ -33,6 +33,10 @@ def test_controller_stage_writes_everything(tiny_run):
                  "fixed-layer (exit at D)"):
         b = m["baselines"][name]
         assert 0 <= b["heldout"]["macro_f1"] <= 1 and b["ece_before"] is not None
+    ceil = m["controller"]["information_ceiling"]
+    assert 0 <= ceil["route_argmax"]["macro_f1"] <= 1
+    fr = m["controller"]["recall_frontier_heldout"]
+    assert (run.path / "controller" / "safety_frontier.png").exists() == bool(fr["points"])
     assert set(m["controller"]["variants"]) == {"route", "route+vitality", "route+vitality+earliest"}
     shares = m["labels"]["route_shares"]["train"]
     assert abs(sum(shares.values()) - 1) < 1e-9 and min(shares.values()) > 0

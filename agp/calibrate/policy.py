@@ -80,3 +80,26 @@ def choose_gate(conf: np.ndarray, min_acceptance: float) -> float:
     """Largest confidence gate that keeps at least `min_acceptance` of the decisions."""
     ok = [t for t in GRID if (conf >= t).mean() >= min_acceptance]
     return float(max(ok)) if ok else 0.0
+
+
+def recall_frontier(probs: np.ndarray, y: np.ndarray, grid=np.linspace(0.0, 1.0, 21)) -> dict:
+    """What the deployed policy family can reach on (escalate recall, revive_local recall): every
+    pair of the two thresholds on `grid`, kept when no other pair beats it on both recalls.
+    `best_balanced` is the pair with the largest min(escalate recall, revive recall). Fitted on the
+    split it is given, so on held-out it is an optimistic bound for `decide`, not a deployable point."""
+    if not ((y == ESC).any() and (y == REV).any()):
+        return {"points": [], "best_balanced": None}
+    pts = []
+    for te in grid:
+        for tr in grid:
+            a = decide(probs, {"accept_local": 1.0, "escalate": float(te), "revive_local": float(tr)})
+            pts.append({"escalate_threshold": float(te), "revive_threshold": float(tr),
+                        "escalate_recall": float((a[y == ESC] == ESC).mean()),
+                        "revive_recall": float((a[y == REV] == REV).mean()),
+                        "flagged": float(np.isin(a, [ESC, REV]).mean())})
+    front = [p for p in pts if not any(q["escalate_recall"] >= p["escalate_recall"] and q["revive_recall"] >= p["revive_recall"]
+                                       and (q["escalate_recall"], q["revive_recall"]) != (p["escalate_recall"], p["revive_recall"])
+                                       for q in pts)]
+    front = sorted({(p["escalate_recall"], p["revive_recall"]): p for p in front}.values(), key=lambda p: p["escalate_recall"])
+    best = max(front, key=lambda p: (min(p["escalate_recall"], p["revive_recall"]), -p["flagged"]))
+    return {"points": front, "best_balanced": best}

@@ -52,9 +52,46 @@ def _plots(out, m, cal, probs, y):
     ax.legend(fontsize=6)
     save(fig, out / "savings.png")
 
+    c = m["controller"]
+    if c.get("recall_frontier_heldout", {}).get("points"):
+        fig, ax = plt.subplots(figsize=(4.6, 4.2))
+        for name, fr, col in (("controller (hidden states)", c["recall_frontier_heldout"], "tab:blue"),
+                              ("ceiling (+ LM-head statistics at D)", c["information_ceiling"]["recall_frontier_heldout"], "tab:grey")):
+            pts = fr["points"]
+            ax.step([p["escalate_recall"] for p in pts], [p["revive_recall"] for p in pts], "-", where="post",
+                    color=col, label=name)
+        ci = c["policy_recall_ci90_by_prompt"]
+        ax.plot([ci["escalate"]["recall"]], [ci["revive_local"]["recall"]], "r*", ms=12, label="deployed policy")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_xlabel("escalate recall")
+        ax.set_ylabel("revive_local recall")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_title("Reachable safety recalls (held-out, every threshold pair)", fontsize=9)
+        ax.legend(fontsize=7)
+        save(fig, out / "safety_frontier.png")
+
 
 def _f(x, fmt="{:.3f}"):
     return "—" if x is None else fmt.format(x)
+
+
+def _frontier_text(c) -> str:
+    """The safety-recall frontier and the information ceiling, in words."""
+    fr, ce = c.get("recall_frontier_heldout") or {}, c.get("information_ceiling") or {}
+    if not fr.get("best_balanced") or not ce:
+        return ""
+    b, cb = fr["best_balanced"], ce["recall_frontier_heldout"]["best_balanced"]
+    cr = ce["route_argmax"]
+    return (f"**What is reachable.** Over every pair of escalate/revive thresholds, chosen on held-out itself "
+            f"(an optimistic bound), the best balanced point is escalate {b['escalate_recall']:.2f} / revive "
+            f"{b['revive_recall']:.2f}, flagging {b['flagged']:.0%} of positions. A route head that also reads the "
+            f"LM-head probe statistics at D (entropy, top-1 probability, margin; not deployable, one "
+            f"vocabulary-wide pass each) reaches argmax macro-F1 {cr['macro_f1']:.3f} (recall "
+            + ", ".join(f"{a} {cr['classes'][a]['recall']:.2f}" for a in ROUTES)
+            + f") and a best balanced point of escalate {cb['escalate_recall']:.2f} / revive {cb['revive_recall']:.2f}: "
+            "classes that stay low there are limited by what the state at D holds about the label, not by the "
+            "controller's size.\n\n![safety frontier](controller/safety_frontier.png)")
 
 
 def write_report(out, m, abstain, cal, probs, y, sweep_rows=()) -> None:
@@ -127,6 +164,8 @@ Vitality shares (train): {shares(lab['vitality_shares']['train'])}. Oracle mean 
 
 Controller policy: per-action thresholds {', '.join(f'{k} {v:.2f}' for k, v in c['thresholds'].items())} (escalate/revive for recall ≥ {m['config']['policy']['recall_target']}, accept for precision ≥ {m['config']['policy']['precision_target']} on valid).
 Policy recall with 90% intervals from resampling held-out prompts: {ci_txt}.
+{_frontier_text(c)}
+
 Confusion (rows true, columns predicted {', '.join(ROUTES)}):
 
 | true | {' | '.join(ROUTES)} |

@@ -288,7 +288,8 @@ def run(run, args) -> dict:
     variants = {"route": ["route"], "route+vitality": ["route", "vitality"], "route+vitality+earliest": list(TASKS)}
     t0 = time.perf_counter()
     trained, compare = {}, {}
-    with tqdm(total=cfg.heads.steps * len(variants), desc="controller heads", unit="step") as bar:
+    with tqdm(total=cfg.heads.steps * (len(variants) + 1), desc="controller heads", unit="step") as bar:
+        ceiling = information_ceiling(F, Y, data, idx, probe.index(d), cfg.heads, bar)
         for vname, tasks in variants.items():
             ha = HeadArgs.from_dict({**cfg.heads.to_dict(), "tasks": tasks})
             ctl, info = train(F, Y, n_out, ha, progress=bar)
@@ -332,6 +333,7 @@ def run(run, args) -> dict:
     rev = yh["route"] == P.REV
     recall_ci["revive_local"]["corrective_coverage"] = (float(np.isin(act_h[rev], [P.REV, P.ESC]).mean())
                                                         if rev.any() else None)
+    frontier = P.recall_frontier(ph, yh["route"])
     abstain = {"gate": gate, "acceptance": float(keep.mean()),
                "error_all": float(1 - correct_h.mean()),
                "error_accepted": float(1 - correct_h[keep].mean()) if keep.any() else None,
@@ -435,7 +437,8 @@ def run(run, args) -> dict:
                        "vitality": cal["vitality"]["heldout"], "earliest": cal["earliest"]["heldout"],
                        "earliest_layer_error": earliest_err, "thresholds": th,
                        "calibration": {t: {k2: v for k2, v in cal[t].items() if k2 != "heldout"} for t in TASKS},
-                       "abstain": abstain, "policy_recall_ci90_by_prompt": recall_ci, "macs_per_decision": ctl.macs(), "layer_macs": int(max(layer_macs)),
+                       "abstain": abstain, "policy_recall_ci90_by_prompt": recall_ci,
+                       "recall_frontier_heldout": frontier, "information_ceiling": ceiling, "macs_per_decision": ctl.macs(), "layer_macs": int(max(layer_macs)),
                        "head_macs": bb.head_macs(), "training": info, "variants": compare},
         "baselines": base, "savings": savings, "curves": curves, "timings": timings,
     }
@@ -447,6 +450,23 @@ def run(run, args) -> dict:
     run.update_stage(NAME, artifacts={"heads_dir": str(out / "heads"), "oracle": str(out / "oracle.npz"),
                                       "decisions": str(out / "decisions.jsonl")})
     return _clean(metrics)
+
+
+def information_ceiling(F, Y, data, idx, di, head_args, bar=None) -> dict:
+    """A route head on the hidden states plus the LM-head probe statistics at D (entropy, top-1
+    probability, margin): signals the deployed heads may not pay for (each costs one pass through
+    the vocabulary-wide head). Not deployable; it bounds what reading more of the state at D could
+    buy, so a class that stays low here is limited by its label, not by the controller's size."""
+    extra = np.stack([data[k][di] for k in ("entropy", "p1", "margin")], 1)
+    Fc = {s: np.concatenate([F[s], extra[ix]], 1) for s, ix in idx.items()}
+    ha = HeadArgs.from_dict({**head_args.to_dict(), "tasks": ["route"]})
+    ctl, info = train(Fc, Y, {"route": len(L.ROUTES)}, ha, progress=bar)
+    T = fit_temperature(ctl.logits(Fc["valid"])["route"], Y["valid"]["route"])
+    ph = softmax(ctl.logits(Fc["heldout"])["route"], T)
+    return {"features": "read layers + entropy, top-1 probability and margin of the tuned-lens probe at D",
+            "route_argmax": M.per_class(Y["heldout"]["route"], ph.argmax(1), L.ROUTES),
+            "recall_frontier_heldout": P.recall_frontier(ph, Y["heldout"]["route"]),
+            "best_valid_route_macro_f1": info["best_valid_route_macro_f1"]}
 
 
 def data_e(lab, idx):
