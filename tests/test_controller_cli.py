@@ -92,6 +92,9 @@ def test_bad_layer_flag_is_a_clear_error(tiny_run, capsys):
     rc = main(["run", "--stage", "controller", "--run-dir", str(run.path), "--model", model, "--no-gates",
                "--controller-layers", "1,2"])
     assert rc == 2 and "decision layer 4" in capsys.readouterr().err
+    rc = main(["run", "--stage", "controller", "--run-dir", str(run.path), "--model", model, "--no-gates",
+               "--controller-decision-layer", "1"])
+    assert rc == 2 and "decision layer 1 is not among the probe layers" in capsys.readouterr().err
 
 
 

@@ -67,15 +67,17 @@ def add_arguments(p):
                    help=f"probed positions per prompt; each costs one 262144-wide head pass per probe layer (default {d.positions})")
     p.add_argument("--controller-layers", default=None, metavar="L1,L2,...",
                    help="probe layers (default n/3, n/2, 2n/3, n-3, n-1); the decision layer must be one")
+    p.add_argument("--controller-decision-layer", type=int, default=None, metavar="D",
+                   help="layer whose hidden state the controller decides at (default 2n/3); must be a probe "
+                        "layer; the heads read n/3, n/2 and D")
     p.add_argument("--controller-steps", type=int, default=d.heads.steps, metavar="N",
                    help=f"training steps per head variant (default {d.heads.steps})")
 
 
-def default_layers(n: int) -> tuple[list[int], int, list[int]]:
-    """Probe layers, decision layer and read layers for an n-layer model."""
+def default_layers(n: int) -> tuple[list[int], int]:
+    """Probe layers and decision layer for an n-layer model."""
     probe = sorted({x for x in (n // 3, n // 2, 2 * n // 3, n - 3, n - 1) if 0 < x < n})
-    d = 2 * n // 3
-    return probe, d, sorted({x for x in (n // 3, n // 2, d) if 0 < x <= d})
+    return probe, 2 * n // 3
 
 
 def _config(args) -> ControllerArgs:
@@ -87,6 +89,7 @@ def _config(args) -> ControllerArgs:
             cfg.probe_layers = sorted({int(x) for x in str(layers).split(",")})
         except ValueError as e:
             raise AGPError(f"--controller-layers must be comma-separated integers, got '{layers}'") from e
+    cfg.decision_layer = getattr(args, "controller_decision_layer", None)
     cfg.heads.steps = getattr(args, "controller_steps", cfg.heads.steps)
     return cfg
 
@@ -248,7 +251,7 @@ def run(run, args) -> dict:
     rows, resplit = assign_splits(rows, src.pop("resplit"))
     bb = load(getattr(args, "model", None), adapter=src["adapter_dir"])
     n = bb.n_layers
-    probe, d, read = default_layers(n)
+    probe, d = default_layers(n)
     if cfg.probe_layers:
         probe = cfg.probe_layers
         if any(not 0 < l < n for l in probe):
@@ -256,7 +259,7 @@ def run(run, args) -> dict:
     d = cfg.decision_layer or d
     if d not in probe:
         raise AGPError(f"decision layer {d} is not among the probe layers {probe}; include it in --controller-layers")
-    read = cfg.read_layers or [l for l in read if l <= d]
+    read = cfg.read_layers or sorted({x for x in (n // 3, n // 2, d) if 0 < x <= d})
     timings["load_s"] = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
