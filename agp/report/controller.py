@@ -89,9 +89,9 @@ def _frontier_text(c) -> str:
             f"LM-head probe statistics at D (entropy, top-1 probability, margin; not deployable, one "
             f"vocabulary-wide pass each) reaches argmax macro-F1 {cr['macro_f1']:.3f} (recall "
             + ", ".join(f"{a} {cr['classes'][a]['recall']:.2f}" for a in ROUTES)
-            + f") and a best balanced point of escalate {cb['escalate_recall']:.2f} / revive {cb['revive_recall']:.2f}: "
-            "classes that stay low there are limited by what the state at D holds about the label, not by the "
-            "controller's size.\n\n![safety frontier](controller/safety_frontier.png)")
+            + f") and a best balanced point of escalate {cb['escalate_recall']:.2f} / revive {cb['revive_recall']:.2f} "
+            "(a trained estimate of the ceiling, not a strict bound): classes that stay low there are limited by "
+            "what the state at D holds about the label, not by the controller's size.\n\n![safety frontier](controller/safety_frontier.png)")
 
 
 def write_report(out, m, abstain, cal, probs, y, sweep_rows=()) -> None:

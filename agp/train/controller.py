@@ -458,8 +458,9 @@ def run(run, args) -> dict:
 def information_ceiling(F, Y, data, idx, di, head_args, bar=None) -> dict:
     """A route head on the hidden states plus the LM-head probe statistics at D (entropy, top-1
     probability, margin): signals the deployed heads may not pay for (each costs one pass through
-    the vocabulary-wide head). Not deployable; it bounds what reading more of the state at D could
-    buy, so a class that stays low here is limited by its label, not by the controller's size."""
+    the vocabulary-wide head). Not deployable; it estimates (trained, so not a strict bound) what
+    reading more of the state at D could buy: a class that stays low here is limited by its label,
+    not by the controller's size."""
     extra = np.stack([data[k][di] for k in ("entropy", "p1", "margin")], 1)
     Fc = {s: np.concatenate([F[s], extra[ix]], 1) for s, ix in idx.items()}
     ha = HeadArgs.from_dict({**head_args.to_dict(), "tasks": ["route"]})
