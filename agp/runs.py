@@ -19,7 +19,6 @@ from pathlib import Path
 from agp import io
 from agp.errors import AGPError
 
-STAGES = ["baseline", "adapter", "controller", "depth", "semantic", "transfer", "joint"]
 MANIFEST = "manifest.json"
 
 
@@ -126,6 +125,12 @@ def set_latest(root: Path, path: Path) -> None:
         tmp.unlink()
     tmp.symlink_to(path.name)
     os.replace(tmp, link)
+
+
+def latest_or_none(root=None) -> Run | None:
+    """The newest run, or None when there is none yet."""
+    link = runs_root(root) / "latest"
+    return Run(link.resolve()) if link.exists() else None
 
 
 def latest_run(root=None) -> Run:

@@ -1,71 +1,114 @@
-"""`agp run`: run the curriculum (or one stage) into a run directory, gating each stage."""
+"""`agp run`: run the curriculum (or one stage) into a run directory, gating each stage.
+
+Which run a command works on (the rule the README states under "Runs are complete or refused"):
+- `--run-dir D`: that run.
+- `--stage X`: the latest run (a new one if there is none); stages X needs that the run has not
+  finished are run first, then X itself.
+- neither: the latest run is completed when it is unfinished and was made by the same code
+  (git commit) for the same model; otherwise a fresh run starts. `--fresh` always starts one.
+A stage recorded as running (interrupted) or failed is re-run, never read; a finished stage whose
+gate did not pass has its gate run again.
+"""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from agp import runs, train
+from agp import runs, stages
 from agp.errors import AGPError
 
 
 def add_parser(sub):
+    implemented = list(stages.implemented())
     p = sub.add_parser(
         "run", help="run every implemented stage in order (or one with --stage)",
-        description="Run the staged curriculum. Without --stage: a new run in runs/<run_id>/ with every "
-                    "implemented stage in order, each followed by its gate; a failing gate stops the run. "
-                    "With --stage NAME: that stage only, on top of the latest run's earlier artifacts.")
-    p.add_argument("--stage", choices=[n for n, _ in train.ORDER], help="run only this stage")
-    p.add_argument("--run-dir", help="run directory to add to (default: new run, or runs/latest with --stage)")
+        description="Run the staged curriculum into runs/<run_id>/, each stage followed by its gate "
+                    "(pytest -m stageN gates/); a failing gate stops the run. An unfinished latest run made by "
+                    "the same code is completed rather than started again; see README 'Runs are complete or "
+                    f"refused'. Implemented stages, in order: {', '.join(implemented)}.")
+    p.add_argument("--stage", choices=implemented,
+                   help="run only this stage (and any earlier stage it needs that the run lacks)")
+    p.add_argument("--run-dir", help="run directory to add to (default: see the rule above)")
     p.add_argument("--runs", help="directory holding runs (default: $AGP_RUNS or ./runs)")
+    p.add_argument("--fresh", action="store_true", help="always start a new run, even if the latest is unfinished")
     p.add_argument("--model", default=None,
                    help="mlx-lm model directory or hub id (default: the embedded Gemma 3 270M)")
     p.add_argument("--no-gates", action="store_true", help="do not run the stage gates (not recommended)")
-    for mod in train.implemented().values():
+    for mod in stages.implemented().values():
         if hasattr(mod, "add_arguments"):
             mod.add_arguments(p.add_argument_group(f"stage '{mod.NAME}'"))
     p.set_defaults(func=main)
 
 
+@dataclasses.dataclass
+class Plan:
+    """The run a command works on, the stages it runs, and the one line saying why."""
+    run: runs.Run
+    todo: list[str]
+    reason: str
+
+
 def main(args) -> int:
-    stages = train.implemented()
-    if args.stage and args.stage not in stages:
-        raise AGPError(f"stage '{args.stage}' is not implemented yet; implemented: {', '.join(stages)}")
+    plan = choose_run(args)
+    print(f"agp: {plan.reason}")
+    mods = stages.implemented()
+    ok = True
+    for name in plan.todo:
+        if not run_stage(plan.run, mods[name], args, rerun=name == args.stage):
+            ok = False
+            break
+    print_summary(plan.run)
+    return 0 if ok else 1
+
+
+def choose_run(args) -> Plan:
+    """Apply the module docstring's rule."""
     argv = getattr(args, "argv", None) or ["run"]
+    config = {"model": args.model}
     if args.run_dir:
         run = runs.Run(args.run_dir)
-    elif args.stage and (runs.runs_root(args.runs) / "latest").exists():
-        run = runs.latest_run(args.runs)
-    else:
-        run = runs.new_run(args.runs, argv=argv, config={"model": args.model})
-    print(f"agp: run {run.id} at {run.path}")
-    todo = [args.stage] if args.stage else list(stages)
-    for name in todo:
-        mod = stages[name]
-        for req in mod.REQUIRES:
-            run.require(req, name)
-        if not run_stage(run, mod, args):
-            return 1
-    return 0
+        return Plan(run, _todo(run, args.stage, gated=not args.no_gates), f"adding to run {run.id} at {run.path}")
+    latest = None if args.fresh else runs.latest_or_none(args.runs)
+    if args.stage:
+        run = latest or runs.new_run(args.runs, argv=argv, config=config)
+        todo = _todo(run, args.stage)
+        before = [n for n in todo if n != args.stage]
+        extra = f"; first running the stages it needs that the run lacks: {', '.join(before)}" if before else ""
+        return Plan(run, todo, f"stage '{args.stage}' on run {run.id} at {run.path}{extra}")
+    if latest is not None:
+        todo = _todo(latest, None, gated=not args.no_gates)
+        if todo and _same_origin(latest, config):
+            return Plan(latest, todo, f"completing unfinished run {latest.id} at {latest.path} "
+                                      f"(to do: {', '.join(todo)})")
+    run = runs.new_run(args.runs, argv=argv, config=config)
+    return Plan(run, list(stages.implemented()), f"new run {run.id} at {run.path}")
 
 
-def run_stage(run: runs.Run, mod, args) -> bool:
-    """Run one stage and its gate; record both in the manifest. True if the gate passed."""
+def _todo(run: runs.Run, stage: str | None, gated: bool = False) -> list[str]:
+    """Stages to (re-)run: the unfinished ones among `stage`'s requirements (or all), plus `stage`."""
+    wanted = stages.with_requirements(stage) if stage else list(stages.implemented())
+    todo = [n for n in wanted if n == stage or not stages.finished(run.stage(n))
+            or (gated and run.stage(n).get("gate", {}).get("outcome") != "passed")]
+    return todo
+
+
+def _same_origin(run: runs.Run, config: dict) -> bool:
+    """An unfinished run is completed only by the code and model that started it."""
+    return (run.manifest.get("git_commit") == runs.git_commit()
+            and run.manifest.get("config", {}).get("model") == config.get("model"))
+
+
+def run_stage(run: runs.Run, mod, args, rerun: bool = True) -> bool:
+    """Run one stage (unless finished and not asked for) and its gate; True if the gate passed."""
     name = mod.NAME
-    print(f"agp: stage '{name}' ...")
-    run.update_stage(name, status="running", started=time.time())
-    t0 = time.perf_counter()
-    try:
-        metrics = mod.run(run, args)
-    except AGPError:
-        run.update_stage(name, status="failed")
-        raise
-    except Exception:
-        run.update_stage(name, status="failed", error=traceback.format_exc(limit=5))
-        raise
-    run.update_stage(name, status="done", metrics=metrics, seconds=round(time.perf_counter() - t0, 2))
+    if rerun or not stages.finished(run.stage(name)):
+        execute_stage(run, mod, args)
+    else:
+        print(f"agp: stage '{name}' finished earlier; running its gate again")
     from agp.report.build import build
     build(run)  # before the gate too: gates check the report exists
     if args.no_gates:
@@ -76,18 +119,64 @@ def run_stage(run: runs.Run, mod, args) -> bool:
     run.update_stage(name, gate=outcome)
     build(run)
     print(f"agp: gate {mod.MARKER}: {outcome['outcome']} ({outcome['summary']})")
+    for reason in outcome.get("failures", []):
+        print(f"agp:   {reason}", file=sys.stderr)
     return outcome["outcome"] == "passed"
+
+
+def execute_stage(run: runs.Run, mod, args) -> None:
+    """Run the stage body, recording running / done / failed / interrupted in the manifest."""
+    name = mod.NAME
+    print(f"agp: stage '{name}' ...")
+    run.update_stage(name, status="running", started=time.time(), metrics=None, gate={})
+    t0 = time.perf_counter()
+    try:
+        metrics = mod.run(run, args)
+    except AGPError as e:
+        run.update_stage(name, status="failed", error=str(e))
+        raise
+    except KeyboardInterrupt:
+        run.update_stage(name, status="interrupted")
+        raise
+    except Exception:
+        run.update_stage(name, status="failed", error=traceback.format_exc(limit=5))
+        raise
+    run.update_stage(name, status="done", metrics=metrics, seconds=round(time.perf_counter() - t0, 2))
 
 
 def run_gate(run: runs.Run, marker: str) -> dict:
     """Run `pytest -m MARKER gates/` against this run in a subprocess; summarise the outcome."""
     gates = Path(__file__).resolve().parents[2] / "gates"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, str(gates),
+    if not gates.is_dir():
+        raise AGPError(f"the gates folder {gates} is missing; install AGP from its checkout (./install.sh)")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-m", marker, str(gates),
            f"--agp-run={run.path.resolve()}", "--rootdir", str(gates.parent)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    tail = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
-    summary = tail[-1].strip("= ") if tail else proc.stderr.strip()[-200:]
+    lines = [ln.strip() for ln in proc.stdout.strip().splitlines() if ln.strip()]
+    summary = lines[-1].strip("= ") if lines else proc.stderr.strip()[-200:]
     outcome = "passed" if proc.returncode == 0 else "failed"
-    if proc.returncode != 0:
-        print(proc.stdout[-4000:], file=sys.stderr)
-    return {"outcome": outcome, "summary": summary, "command": " ".join(cmd[1:])}
+    failures = [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    if proc.returncode != 0 and not failures:
+        print(proc.stdout[-4000:] + proc.stderr[-2000:], file=sys.stderr)
+    return {"outcome": outcome, "summary": summary, "failures": failures, "command": " ".join(cmd[1:])}
+
+
+def print_summary(run: runs.Run) -> None:
+    """The end of `agp run`: one row per stage of the run, then where the report is."""
+    mods = stages.implemented()
+    rows = [("stage", "status", "seconds", "gate", "headline")]
+    for name, mod in mods.items():
+        rec = run.stage(name)
+        if not rec:
+            rows.append((name, "not run", "-", "-", ""))
+            continue
+        seconds = rec.get("seconds")
+        rows.append((name, rec.get("status", "?"), f"{seconds:.0f}" if seconds is not None else "-",
+                     rec.get("gate", {}).get("outcome", "-"), stages.headline(mod, rec.get("metrics"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    print(f"agp: run {run.id}")
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4])
+    report = run.path / "report.md"
+    if report.exists():
+        print(f"agp: report: {report}")

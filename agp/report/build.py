@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from agp import io
-from agp.train import ORDER
+from agp.stages import ORDER
 
 
 def build(run) -> str:

@@ -31,6 +31,7 @@ from agp.train import nll, tuner
 NAME = "adapter"
 MARKER = "stage1"
 REQUIRES = ["baseline"]
+HEADLINE = {"held-out dNLL": "eval.heldout.delta_nll", "control dNLL": "eval.control.delta_nll"}
 
 
 @dataclass

@@ -21,6 +21,7 @@ from agp.data.prompt_pack import PromptPackArgs, build_prompt_pack
 NAME = "baseline"
 MARKER = "stage0"
 REQUIRES: list[str] = []
+HEADLINE = {"decode tok/s": "latency.decode_tok_per_s", "parity max |diff|": "parity.decode_max_abs_diff"}
 
 
 @dataclass

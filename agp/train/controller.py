@@ -32,6 +32,8 @@ from agp.oracle.sweep import sweep
 NAME = "controller"
 MARKER = "stage2"
 REQUIRES = ["baseline"]
+HEADLINE = {"route macro-F1": "controller.route_argmax.macro_f1",
+            "policy macro-F1": "controller.route_policy.macro_f1"}
 SPLITS = ("train", "valid", "heldout")
 
 
