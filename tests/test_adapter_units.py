@@ -6,6 +6,7 @@ import argparse
 import mlx.core as mx
 import pytest
 
+from agp import config
 from agp.errors import AGPError
 from agp.train import adapter, nll, tuner
 
@@ -34,7 +35,7 @@ def test_checkpoint_state_is_ignored_when_missing_corrupt_or_foreign(tmp_path):
 
 def test_flags_are_validated():
     p = argparse.ArgumentParser()
-    adapter.add_arguments(p)
+    config.add_arguments(p, adapter.AdapterArgs, adapter.NAME, adapter.ALIASES)
     cfg = adapter.config_from(p.parse_args(["--adapter-iters", "50", "--adapter-kind", "dora"]))
     assert cfg.iters == 50 and cfg.kind == "dora" and cfg.blocks == adapter.AdapterArgs.blocks
     with pytest.raises(AGPError, match="--adapter-iters must be at least 1"):

@@ -80,6 +80,8 @@ def test_stage_runs_the_stages_it_needs_first(tiny_model_dir, tmp_path, capsys):
     run = runs.latest_run(tmp_path)
     assert stages.finished(run.stage("baseline")) and stages.finished(run.stage("controller"))
     assert not run.stage("adapter"), "controller does not need the adapter"
+    merged = run.manifest["config"]["controller"]
+    assert merged["heads"]["steps"] == 20 and merged["prompts"] == 16, "the manifest records the merged config"
 
 
 def test_finished_stage_with_a_failed_gate_is_judged_again(tmp_path):

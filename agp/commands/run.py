@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from agp import runs, stages
+from agp import config, runs, stages
 from agp.errors import AGPError
 
 
@@ -38,9 +38,12 @@ def add_parser(sub):
     p.add_argument("--model", default=None,
                    help="mlx-lm model directory or hub id (default: the embedded Gemma 3 270M)")
     p.add_argument("--no-gates", action="store_true", help="do not run the stage gates (not recommended)")
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="YAML file with one section per stage (e.g. `controller: {prompts: 40, heads: {steps: 100}}`) "
+                        "and an optional top-level `model:`; merged over the stage defaults, flags win over it")
     for mod in stages.implemented().values():
-        if hasattr(mod, "add_arguments"):
-            mod.add_arguments(p.add_argument_group(f"stage '{mod.NAME}'"))
+        group = p.add_argument_group(f"stage '{mod.NAME}' (section '{mod.NAME}:' of --config)")
+        config.add_arguments(group, mod.CONFIG, mod.NAME, getattr(mod, "ALIASES", None))
     p.set_defaults(func=main)
 
 
@@ -53,6 +56,7 @@ class Plan:
 
 
 def main(args) -> int:
+    resolve_configs(args)
     plan = choose_run(args)
     print(f"agp: {plan.reason}")
     mods = stages.implemented()
@@ -63,6 +67,21 @@ def main(args) -> int:
             break
     print_summary(plan.run)
     return 0 if ok else 1
+
+
+def resolve_configs(args) -> None:
+    """Every stage's config (defaults < --config file < flags), checked before any stage runs."""
+    data = config.load_file(getattr(args, "config", None))
+    mods = stages.implemented()
+    unknown = sorted(set(data) - set(mods) - {"model"})
+    if unknown:
+        import warnings
+        warnings.warn(f"--config: ignoring unknown sections {unknown}; sections are {', '.join(mods)} and model",
+                      UserWarning, stacklevel=2)
+    if args.model is None:
+        args.model = data.get("model")
+    args.config_file_data = data
+    args.configs = {name: config.resolve(mod.CONFIG, name, args, data) for name, mod in mods.items()}
 
 
 def choose_run(args) -> Plan:
@@ -128,6 +147,9 @@ def execute_stage(run: runs.Run, mod, args) -> None:
     """Run the stage body, recording running / done / failed / interrupted in the manifest."""
     name = mod.NAME
     print(f"agp: stage '{name}' ...")
+    run.manifest.setdefault("config", {})[name] = args.configs[name].to_dict()
+    if getattr(args, "config", None):
+        run.manifest["config"]["file"] = str(Path(args.config).resolve())
     run.update_stage(name, status="running", started=time.time(), metrics=None, gate={})
     t0 = time.perf_counter()
     try:

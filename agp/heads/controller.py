@@ -24,13 +24,13 @@ TASKS = ("route", "vitality", "earliest")
 
 @dataclass
 class HeadArgs(ConfigMixin):
-    hidden: int = 64
-    steps: int = 300
-    lr: float = 2e-3
-    weight_decay: float = 1e-1
-    dropout: float = 0.3
-    eval_every: int = 25
-    seed: int = 0
+    hidden: int = 64              # trunk width
+    steps: int = 300              # training steps per head variant
+    lr: float = 2e-3              # AdamW learning rate
+    weight_decay: float = 1e-1    # AdamW weight decay
+    dropout: float = 0.3          # trunk dropout
+    eval_every: int = 25          # steps between validation checks (early stopping)
+    seed: int = 0                 # initialisation and batch order
     tasks: list = field(default_factory=lambda: list(TASKS))
 
 
@@ -134,7 +134,7 @@ def train(feats: dict[str, np.ndarray], labels: dict[str, dict[str, np.ndarray]]
         if progress is not None:
             progress.update(1)
         if not np.isfinite(loss.item()):
-            raise AGPError(f"controller training diverged (loss {loss.item()} at step {i}); lower --controller-lr")
+            raise AGPError(f"controller training diverged (loss {loss.item()} at step {i}); lower --controller-heads-lr (or heads.lr under controller: in --config)")
         if i % args.eval_every == 0 or i == args.steps:
             f1 = macro_f1(labels["valid"]["route"], ctl.logits(feats["valid"])["route"].argmax(1), n_out["route"])
             hist.append({"step": i, "loss": float(loss.item()), "valid_route_macro_f1": f1})

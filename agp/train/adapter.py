@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from agp import io
+from agp import config, io
 from agp.config import ConfigMixin
 from agp.data.build import DataArgs, build, load_lane
 from agp.data.default_corpus import CONTROL, control_texts
@@ -31,6 +31,9 @@ from agp.train import nll, tuner
 NAME = "adapter"
 MARKER = "stage1"
 REQUIRES = ["baseline"]
+ALIASES = {"source": ["source"], "source_format": ["source-format"], "batch_size": ["adapter-batch"],
+           "learning_rate": ["adapter-lr"]}  # flag names kept from before the generated flags
+SOURCE_FORMATS = ("claude_session", "prompt_log", "codex_history", "pairs", "chat")
 HEADLINE = {"held-out dNLL": "eval.heldout.delta_nll", "control dNLL": "eval.control.delta_nll"}
 
 
@@ -39,66 +42,34 @@ class AdapterArgs(ConfigMixin):
     kind: str = "lora"            # lora | dora
     rank: int = 8
     scale: float = 20.0           # mlx-lm's LoRA scale (alpha / rank)
-    dropout: float = 0.0
+    dropout: float = 0.0          # dropout inside the adapter
     blocks: int = 4               # adapters on the last N transformer blocks
     iters: int = 16               # optimizer steps (CI-sized; see docs/adapter.md for a real run)
-    batch_size: int = 2
+    batch_size: int = 2           # sequences per step
     max_seq: int = 64             # tokens per sequence (longer rows are cut; bounds the [B, T, 262144] logits)
-    learning_rate: float = 1e-4
-    warmup: int = 2
-    seed: int = 0
+    learning_rate: float = 1e-4   # peak learning rate (cosine schedule)
+    warmup: int = 2               # warm-up steps
+    seed: int = 0                 # seeds batches and initialisation
     checkpoint_every: int = 8     # steps between checkpoints
     eval_rows: int = 6            # held-out SFT rows scored (sorted by id, the first N)
     control_rows: int = 4         # control paragraphs scored
     lens_positions: int = 4       # positions per held-out row read through the logit lens
     lens_rows: int = 3            # held-out rows that get the lens pass (a 262144-wide head per layer)
     source: str | None = None     # transcripts directory; None = offline default corpus
-    source_format: str | None = None
+    source_format: str | None = None  # read every source file with this reader instead of detecting it
 
-
-def add_arguments(p):
-    d = AdapterArgs()
-    p.add_argument("--source", metavar="DIR", default=None,
-                   help="directory of transcripts (*.jsonl: Claude Code sessions, prompt logs, Codex history, "
-                        "prompt/response or chat messages) for the data lanes; default: the offline corpus "
-                        "(stdlib code, pydoc topics, fixture chat pairs)")
-    p.add_argument("--source-format", default=None, choices=["claude_session", "prompt_log", "codex_history",
-                                                              "pairs", "chat"],
-                   help="read every source file with this reader instead of detecting the format per file")
-    p.add_argument("--adapter-kind", choices=["lora", "dora"], default=d.kind, help=f"adapter type (default {d.kind})")
-    p.add_argument("--adapter-rank", type=int, default=d.rank, metavar="R", help=f"adapter rank (default {d.rank})")
-    p.add_argument("--adapter-scale", type=float, default=d.scale, help=f"LoRA scale (default {d.scale})")
-    p.add_argument("--adapter-blocks", type=int, default=d.blocks, metavar="N",
-                   help=f"adapt the last N transformer blocks (default {d.blocks})")
-    p.add_argument("--adapter-iters", type=int, default=d.iters, metavar="N",
-                   help=f"training steps (default {d.iters}: sized for CI on 2 CPU cores; use 200+ for a real run)")
-    p.add_argument("--adapter-batch", type=int, default=d.batch_size, metavar="B",
-                   help=f"sequences per step (default {d.batch_size})")
-    p.add_argument("--adapter-max-seq", type=int, default=d.max_seq, metavar="T",
-                   help=f"tokens per sequence (default {d.max_seq}); memory grows with B x T x vocab")
-    p.add_argument("--adapter-lr", type=float, default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
-    p.add_argument("--adapter-eval-rows", type=int, default=d.eval_rows, metavar="N",
-                   help=f"held-out rows scored before/after (default {d.eval_rows})")
-    p.add_argument("--adapter-control-rows", type=int, default=d.control_rows, metavar="N",
-                   help=f"control paragraphs scored before/after (default {d.control_rows}, at most 16)")
-    p.add_argument("--adapter-checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
-                   help=f"steps between checkpoints (default {d.checkpoint_every})")
+    def validate(self) -> None:
+        for name in ("rank", "blocks", "iters", "batch_size", "max_seq", "eval_rows", "control_rows"):
+            if getattr(self, name) < 1:
+                raise AGPError(f"--adapter-{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.kind not in ("lora", "dora"):
+            raise AGPError(f"--adapter-kind must be lora or dora, got {self.kind!r}")
+        if self.source_format not in (None, *SOURCE_FORMATS):
+            raise AGPError(f"--adapter-source-format must be one of {', '.join(SOURCE_FORMATS)}, got {self.source_format!r}")
 
 
 def config_from(args) -> AdapterArgs:
-    d = AdapterArgs()
-    g = lambda name, default: getattr(args, name, default)  # noqa: E731
-    cfg = AdapterArgs(kind=g("adapter_kind", d.kind), rank=g("adapter_rank", d.rank), scale=g("adapter_scale", d.scale),
-                      blocks=g("adapter_blocks", d.blocks), iters=g("adapter_iters", d.iters),
-                      batch_size=g("adapter_batch", d.batch_size), max_seq=g("adapter_max_seq", d.max_seq),
-                      learning_rate=g("adapter_lr", d.learning_rate), eval_rows=g("adapter_eval_rows", d.eval_rows),
-                      checkpoint_every=g("adapter_checkpoint_every", d.checkpoint_every),
-                      control_rows=g("adapter_control_rows", d.control_rows),
-                      source=g("source", None), source_format=g("source_format", None))
-    for name in ("rank", "blocks", "iters", "batch_size", "max_seq", "eval_rows", "control_rows"):
-        if getattr(cfg, name) < 1:
-            raise AGPError(f"--adapter-{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    return cfg
+    return config.for_stage(AdapterArgs, NAME, args)
 
 
 def eval_rows(data_dir, cfg: AdapterArgs) -> list[dict]:
@@ -244,3 +215,6 @@ Data: {m['data']['source']} — {m['data']['read']['records']} records read, {m[
 {lanes}
 """
     io.write_text(out / "report.md", text)
+
+
+CONFIG = AdapterArgs  # the dataclass `agp run` makes this stage's flags and --config section from

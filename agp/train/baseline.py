@@ -12,36 +12,29 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from agp import io
 from agp.backbone import load, macs
 from agp.backbone.lens import lens_stats
+from agp import config, io
 from agp.config import ConfigMixin
 from agp.data.prompt_pack import PromptPackArgs, build_prompt_pack
 
 NAME = "baseline"
 MARKER = "stage0"
 REQUIRES: list[str] = []
+ALIASES = {"per_source": ["baseline-prompts"]}  # flag names kept from before the generated flags
 HEADLINE = {"decode tok/s": "latency.decode_tok_per_s", "parity max |diff|": "parity.decode_max_abs_diff"}
 
 
 @dataclass
 class BaselineArgs(ConfigMixin):
     per_source: int = 10          # prompts per source (code, docs, chat) in the pack
-    max_chars: int = 400
-    latency_prompts: int = 6
-    decode_tokens: int = 16
+    max_chars: int = 400          # characters kept of each prompt
+    latency_prompts: int = 6      # prompts timed for prefill / decode latency
+    decode_tokens: int = 16       # greedy decode steps per latency prompt
     exit_agree: float = 0.60      # split rule: top-1 agreement for an exit candidate
     exit_kl: float = 1.0          # split rule: mean KL (nats) for an exit candidate
     onset_agree: float = 0.15     # split rule: agreement at which the answer starts to form
     lens_positions: int = 24      # positions per prompt probed by the lens (the 262144-wide head is the cost)
-
-
-def add_arguments(p):
-    d = BaselineArgs()
-    p.add_argument("--baseline-prompts", type=int, default=d.per_source, metavar="N",
-                   help=f"prompts per source in the baseline pack (default {d.per_source}; 3 sources)")
-    p.add_argument("--baseline-decode-tokens", type=int, default=d.decode_tokens, metavar="N",
-                   help=f"greedy decode steps per latency prompt (default {d.decode_tokens})")
 
 
 def split_layer_map(agree: np.ndarray, kl: np.ndarray, layers: list[int], n_layers: int,
@@ -86,8 +79,7 @@ def run(run, args) -> dict:
     """Measure the backbone and write the stage-0 artifacts."""
     from agp.report.plots import sufficiency_plot
 
-    cfg = BaselineArgs(per_source=getattr(args, "baseline_prompts", BaselineArgs.per_source),
-                       decode_tokens=getattr(args, "baseline_decode_tokens", BaselineArgs.decode_tokens))
+    cfg = config.for_stage(BaselineArgs, NAME, args)
     out = run.stage_dir(NAME)
     bb = load(getattr(args, "model", None))
     pack = build_prompt_pack(PromptPackArgs(per_source=cfg.per_source, max_chars=cfg.max_chars))
@@ -172,3 +164,6 @@ Candidate split layers: **{m['split_map']['candidates']}** (exits {m['split_map'
 {rows}
 """
     io.write_text(out / "report.md", text)
+
+
+CONFIG = BaselineArgs  # the dataclass `agp run` makes this stage's flags and --config section from

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from agp import io
 from agp.calibrate import metrics as M
 from agp.calibrate import policy as P
 from agp.calibrate.temperature import fit_temperature, softmax
+from agp import config, io
 from agp.config import ConfigMixin
 from agp.errors import AGPError
 from agp.heads import baselines as B
@@ -32,6 +32,7 @@ from agp.oracle.sweep import sweep
 NAME = "controller"
 MARKER = "stage2"
 REQUIRES = ["baseline"]
+ALIASES = {"probe_layers": ["controller-layers"], "heads.steps": ["controller-steps"]}  # kept from before
 HEADLINE = {"route macro-F1": "controller.route_argmax.macro_f1",
             "policy macro-F1": "controller.route_policy.macro_f1"}
 SPLITS = ("train", "valid", "heldout")
@@ -45,55 +46,33 @@ class ControllerArgs(ConfigMixin):
     # 40 x 16 left 128 held-out positions from 8 prompts: per-class recall moved ~0.1 with one prompt.
     # Offline on the adapter backbone, 416 x 32 positions raised held-out route macro-F1 from ~0.45
     # to 0.60 with the same heads; 120 x 24 is what the CI budget affords (~3 min on 2 cores).
-    probe_layers: list | None = None  # None: n/3, n/2, 2n/3, n-3, n-1
-    decision_layer: int | None = None  # None: 2n/3
+    probe_layers: list | None = None  # layers probed by the oracle (the decision layer must be one); None: n/3, n/2, 2n/3, n-3, n-1
+    decision_layer: int | None = None  # layer whose state the controller decides at (a probe layer); None: 2n/3
     read_layers: list | None = None   # hidden layers the heads read; None: n/3, n/2, decision
     tuned_lens: bool = True           # per-layer ridge translators before the head
     probe_batch: int = 64             # positions per head call (amortises reading the 262144-wide table)
     lens_folds: int = 4               # tuned-lens cross-fitting folds (by prompt)
-    lens_ridge: float = 0.1           # residual translator ridge (standardised inputs). Cross-fitted on
-                                      # 768 adapter-backbone positions, top-1 agreement at layers 6/9/12/15/17:
-                                      # 0.35/0.41/0.57/0.73/0.86 at 0.1 vs 0.28/0.35/0.52/0.70/0.82 at 1.0, and
-                                      # 0.28/0.33/0.46/0.62/0.63 for the old non-residual map (identity: 0.68 at 17)
-    min_stability: float = 0.8
+    # Residual translator ridge: cross-fitted on 768 adapter-backbone positions, top-1 agreement at
+    # layers 6/9/12/15/17 was 0.35/0.41/0.57/0.73/0.86 at 0.1 vs 0.28/0.35/0.52/0.70/0.82 at 1.0, and
+    # 0.28/0.33/0.46/0.62/0.63 for the old non-residual map (identity: 0.68 at 17).
+    lens_ridge: float = 0.1           # residual translator ridge (standardised inputs)
+    min_stability: float = 0.8        # label sweep: least share of labels unchanged under resampling
     heads: HeadArgs = field(default_factory=HeadArgs)
     policy: P.PolicyArgs = field(default_factory=P.PolicyArgs)
-    agree_targets: tuple = (0.9, 0.95)
+    agree_targets: tuple = (0.9, 0.95)  # agreement levels the savings curves report
 
-
-def add_arguments(p):
-    d = ControllerArgs()
-    p.add_argument("--controller-prompts", type=int, default=d.prompts, metavar="N",
-                   help=f"prompts labelled by the oracle (default {d.prompts}; split 60/20/20 by prompt)")
-    p.add_argument("--controller-positions", type=int, default=d.positions, metavar="N",
-                   help=f"probed positions per prompt; each costs one 262144-wide head pass per probe layer (default {d.positions})")
-    p.add_argument("--controller-layers", default=None, metavar="L1,L2,...",
-                   help="probe layers (default n/3, n/2, 2n/3, n-3, n-1); the decision layer must be one")
-    p.add_argument("--controller-decision-layer", type=int, default=None, metavar="D",
-                   help="layer whose hidden state the controller decides at (default 2n/3); must be a probe "
-                        "layer; the heads read n/3, n/2 and D")
-    p.add_argument("--controller-steps", type=int, default=d.heads.steps, metavar="N",
-                   help=f"training steps per head variant (default {d.heads.steps})")
+    def validate(self) -> None:
+        if self.probe_layers:
+            self.probe_layers = sorted({int(layer) for layer in self.probe_layers})
+        for name in ("prompts", "positions", "max_tokens", "probe_batch", "lens_folds"):
+            if getattr(self, name) < 1:
+                raise AGPError(f"--controller-{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 def default_layers(n: int) -> tuple[list[int], int]:
     """Probe layers and decision layer for an n-layer model."""
     probe = sorted({x for x in (n // 3, n // 2, 2 * n // 3, n - 3, n - 1) if 0 < x < n})
     return probe, 2 * n // 3
-
-
-def _config(args) -> ControllerArgs:
-    cfg = ControllerArgs(prompts=getattr(args, "controller_prompts", ControllerArgs.prompts),
-                         positions=getattr(args, "controller_positions", ControllerArgs.positions))
-    layers = getattr(args, "controller_layers", None)
-    if layers:
-        try:
-            cfg.probe_layers = sorted({int(x) for x in str(layers).split(",")})
-        except ValueError as e:
-            raise AGPError(f"--controller-layers must be comma-separated integers, got '{layers}'") from e
-    cfg.decision_layer = getattr(args, "controller_decision_layer", None)
-    cfg.heads.steps = getattr(args, "controller_steps", cfg.heads.steps)
-    return cfg
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -238,7 +217,7 @@ def run(run, args) -> dict:
 
     t_start = time.perf_counter()
     timings = {}
-    cfg = _config(args)
+    cfg = config.for_stage(ControllerArgs, NAME, args)
     out = run.stage_dir(NAME)
     src = source(run, getattr(args, "model", None))
     rows = src.pop("rows")
@@ -492,3 +471,6 @@ def _clean(o):
     if isinstance(o, float) and not np.isfinite(o):
         return None
     return o
+
+
+CONFIG = ControllerArgs  # the dataclass `agp run` makes this stage's flags and --config section from
