@@ -115,26 +115,27 @@ def train(feats: dict[str, np.ndarray], labels: dict[str, dict[str, np.ndarray]]
         raise AGPError("the controller needs the route head; tasks must include 'route'")
     mx.random.seed(args.seed)
     ctl = Controller(x_tr.shape[1], {t: n_out[t] for t in tasks}, args, mean, std)
-    X = ctl._x(x_tr)
-    Y = {t: mx.array(labels["train"][t].astype(np.int32)) for t in tasks}
-    W = {t: mx.array(class_weights(labels["train"][t], n_out[t])) for t in tasks}
+    inputs = ctl._x(x_tr)
+    targets = {t: mx.array(labels["train"][t].astype(np.int32)) for t in tasks}
+    weights = {t: mx.array(class_weights(labels["train"][t], n_out[t])) for t in tasks}
 
     def loss_fn(model, x):
         out = model(x)
-        return sum((nn.losses.cross_entropy(out[t], Y[t]) * W[t][Y[t]]).mean() for t in tasks)
+        return sum((nn.losses.cross_entropy(out[t], targets[t]) * weights[t][targets[t]]).mean() for t in tasks)
 
     opt = optim.AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
     step = nn.value_and_grad(ctl.model, loss_fn)
     best, best_f1, hist = None, -1.0, []
     for i in range(1, args.steps + 1):
         ctl.model.train()
-        loss, grads = step(ctl.model, X)
+        loss, grads = step(ctl.model, inputs)
         opt.update(ctl.model, grads)
         mx.eval(ctl.model.parameters(), opt.state, loss)
         if progress is not None:
             progress.update(1)
         if not np.isfinite(loss.item()):
-            raise AGPError(f"controller training diverged (loss {loss.item()} at step {i}); lower --controller-heads-lr (or heads.lr under controller: in --config)")
+            raise AGPError(f"controller training diverged (loss {loss.item()} at step {i}); "
+                           f"lower the heads' learning rate (--controller-heads-lr, now {args.lr})")
         if i % args.eval_every == 0 or i == args.steps:
             f1 = macro_f1(labels["valid"]["route"], ctl.logits(feats["valid"])["route"].argmax(1), n_out["route"])
             hist.append({"step": i, "loss": float(loss.item()), "valid_route_macro_f1": f1})

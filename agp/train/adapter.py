@@ -17,6 +17,7 @@ import json
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -93,93 +94,152 @@ def run(run, args) -> dict:
     t0 = time.perf_counter()
     cfg = config_from(args)
     out = run.stage_dir(NAME)
-    data_dir = out / "data"
-    man = build(DataArgs(source=cfg.source, format=cfg.source_format), data_dir)
-    train_rows = load_lane(data_dir, "sft", "train")
-    held = eval_rows(data_dir, cfg)
-    if not held:
-        raise AGPError(f"the SFT lane of {cfg.source or 'the default corpus'} has no held-out rows to evaluate on; "
-                       f"bring more prompt/response exchanges (held-out is 10% by content hash)")
-
-    bb = _fresh_backbone(getattr(args, "model", None))
-    base_fp = bb.fingerprint
-    train_set = nll.encode_rows(bb, train_rows, cfg.max_seq)
-    if len(train_set) < cfg.batch_size:
-        raise AGPError(f"the SFT lane has {len(train_set)} usable training rows, fewer than --adapter-batch "
-                       f"{cfg.batch_size}; bring more exchanges or lower --adapter-batch")
-    held_set = nll.encode_rows(bb, held, cfg.max_seq)
-    ctrl_set = nll.encode_rows(bb, control_rows(cfg), cfg.max_seq)
-    sft_sha = man["lanes"]["sft"]["train"]["sha256"]
-    ident = hashlib.sha256(json.dumps([cfg.to_dict(), sft_sha, base_fp], sort_keys=True).encode()).hexdigest()
-    ckpt = tuner.Checkpoints(out / "checkpoints", ident)
+    lanes = build_lanes(out / "data", cfg)
+    backbone = _fresh_backbone(getattr(args, "model", None))
+    sets = encode_sets(backbone, lanes, cfg)
+    ckpt = tuner.Checkpoints(out / "checkpoints", _identity(cfg, lanes, backbone.fingerprint))
     ckpt.root.mkdir(parents=True, exist_ok=True)
-
-    # base evaluation (cached beside the checkpoints so a resumed stage does not redo it)
-    base_path = ckpt.root / "base_eval.json"
-    base = json.loads(base_path.read_text()) if base_path.exists() else {}
-    if base.get("ident") != ident:
-        base = {"ident": ident, "heldout": nll.evaluate(bb, held_set, cfg.lens_positions, "base held-out", cfg.lens_rows),
-                "control": nll.evaluate(bb, ctrl_set, 0, "base control")}
-        io.write_json(base_path, base)
-
-    mx.random.seed(cfg.seed)   # LoRA's A matrices are initialised from the global MLX generator
-    adapter_cfg = tuner.attach(bb.model, cfg.kind, cfg.blocks, cfg.rank, cfg.scale, cfg.dropout)
-    n_train = tuner.trainable_count(bb.model)
-    mx.reset_peak_memory()
-    t_train = time.perf_counter()
-    fit = tuner.fit(bb.model, train_set, iters=cfg.iters, batch_size=cfg.batch_size, max_seq=cfg.max_seq,
-                    learning_rate=cfg.learning_rate, warmup=cfg.warmup, seed=cfg.seed, ckpt=ckpt,
-                    every=cfg.checkpoint_every)
-    train_seconds = time.perf_counter() - t_train
-    peak_gb = mx.get_peak_memory() / 2**30
-    tuned = {"heldout": nll.evaluate(bb, held_set, cfg.lens_positions, "tuned held-out", cfg.lens_rows),
-             "control": nll.evaluate(bb, ctrl_set, 0, "tuned control")}
-
-    blocks = list(range(bb.n_layers - min(cfg.blocks, bb.n_layers), bb.n_layers))
-    meta = {"base_fingerprint": base_fp, "tokenizer_fingerprint": bb.tokenizer_fingerprint,
-            "base_model": str(bb.path), "kind": cfg.kind, "rank": cfg.rank, "scale": cfg.scale,
-            "blocks": blocks, "data_sha256": sft_sha, "steps": cfg.iters, "trainable_params": n_train,
-            "config": cfg.to_dict()}
-    adapter_dir = out / "adapter"
-    tuner.save_adapter(adapter_dir, bb.model, adapter_cfg, meta)
-
-    hist = fit["history"]
-    steps_timed = [h["step_seconds"] for h in hist[1:]] or [h["step_seconds"] for h in hist]
-    ev = {}
-    for split in ("heldout", "control"):
-        b, t = base[split], tuned[split]
-        ev[split] = {"base_nll": b["nll"], "tuned_nll": t["nll"], "base_ppl": b["ppl"], "tuned_ppl": t["ppl"],
-                     "tokens": t["tokens"], "sequences": t["sequences"], "delta_nll": t["nll"] - b["nll"]}
-    metrics = {
-        "config": cfg.to_dict(),
-        "data": {"manifest_sha256": io.sha256_file(data_dir / "manifest.json"), "rules": man["rules"],
-                 "read": {k: man["read"][k] for k in ("records", "malformed")}, "kept": man["kept"],
-                 "lanes": man["lanes"], "source": man["source"]},
-        "adapter": {**{k: meta[k] for k in ("kind", "rank", "scale", "blocks", "steps", "trainable_params",
-                                            "data_sha256", "base_fingerprint")},
-                    "weights_sha256": io.sha256_file(adapter_dir / "adapters.safetensors")},
-        "eval": ev,
-        "eval_set": {"heldout_ids": [r["id"] for r in held], "control_rows": cfg.control_rows,
-                     "max_seq": cfg.max_seq, "lens_positions": cfg.lens_positions,
-                     "lens_rows": cfg.lens_rows},
-        "lens": {"base": base["heldout"].get("lens"), "tuned": tuned["heldout"].get("lens")},
-        "train": {"steps": cfg.iters, "resumed_from": fit["resumed_from"], "seconds": round(train_seconds, 2),
-                  "step_seconds_median": float(np.median(steps_timed)) if steps_timed else None,
-                  "tokens_per_second_median": float(np.median([h["tokens_per_second"] for h in hist])) if hist else None,
-                  "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None,
-                  "mlx_peak_memory_gb": round(peak_gb, 3),
-                  "rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                  "history": hist},
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+    base = base_eval(backbone, sets, ckpt, cfg)
+    training = train_adapter(backbone, sets, ckpt, cfg)
+    tuned = {"heldout": nll.evaluate(backbone, sets.heldout, cfg.lens_positions, "tuned held-out", cfg.lens_rows),
+             "control": nll.evaluate(backbone, sets.control, 0, "tuned control")}
+    adapter_dir, meta = save_adapter(out / "adapter", backbone, training, lanes, cfg)
+    metrics = stage_metrics(cfg, lanes, adapter_dir, meta, base, tuned, training)
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
     io.write_json(out / "eval.json", {"base": base, "tuned": tuned})
     _report(out, metrics)
     run.manifest.setdefault("datasets", {}).update(
-        {f"adapter/data/{lane}/{s}.jsonl": v["sha256"] for lane, splits in man["lanes"].items() for s, v in splits.items()})
+        {f"adapter/data/{lane}/{s}.jsonl": v["sha256"] for lane, splits in lanes.manifest["lanes"].items()
+         for s, v in splits.items()})
     run.manifest["datasets"]["adapter/data/manifest.json"] = metrics["data"]["manifest_sha256"]
-    run.update_stage(NAME, artifacts={"adapter_dir": str(adapter_dir), "data_dir": str(data_dir),
+    run.update_stage(NAME, artifacts={"adapter_dir": str(adapter_dir), "data_dir": str(lanes.data_dir),
                                       "eval": str(out / "eval.json")})
     return metrics
+
+
+@dataclass
+class Lanes:
+    data_dir: Path
+    manifest: dict             # the data build's manifest
+    train_rows: list[dict]     # SFT lane, train split
+    heldout_rows: list[dict]   # the scored held-out SFT rows (eval_rows)
+
+
+def build_lanes(data_dir: Path, cfg: AdapterArgs) -> Lanes:
+    manifest = build(DataArgs(source=cfg.source, format=cfg.source_format), data_dir)
+    heldout = eval_rows(data_dir, cfg)
+    if not heldout:
+        raise AGPError(f"the SFT lane of {cfg.source or 'the default corpus'} has no held-out rows to evaluate on; "
+                       f"bring more prompt/response exchanges (held-out is 10% by content hash)")
+    return Lanes(data_dir, manifest, load_lane(data_dir, "sft", "train"), heldout)
+
+
+@dataclass
+class EncodedSets:
+    train: list
+    heldout: list
+    control: list
+
+
+def encode_sets(backbone, lanes: Lanes, cfg: AdapterArgs) -> EncodedSets:
+    train_set = nll.encode_rows(backbone, lanes.train_rows, cfg.max_seq)
+    if len(train_set) < cfg.batch_size:
+        raise AGPError(f"the SFT lane has {len(train_set)} usable training rows, fewer than --adapter-batch "
+                       f"{cfg.batch_size}; bring more exchanges or lower --adapter-batch")
+    return EncodedSets(train_set, nll.encode_rows(backbone, lanes.heldout_rows, cfg.max_seq),
+                       nll.encode_rows(backbone, control_rows(cfg), cfg.max_seq))
+
+
+def _identity(cfg: AdapterArgs, lanes: Lanes, base_fingerprint: str) -> str:
+    """What a checkpoint must match to be resumed: the config, the training data and the base model."""
+    sft_sha = lanes.manifest["lanes"]["sft"]["train"]["sha256"]
+    return hashlib.sha256(json.dumps([cfg.to_dict(), sft_sha, base_fingerprint], sort_keys=True).encode()).hexdigest()
+
+
+def base_eval(backbone, sets: EncodedSets, ckpt, cfg: AdapterArgs) -> dict:
+    """Base-model NLL, cached beside the checkpoints so a resumed stage does not redo it."""
+    path = ckpt.root / "base_eval.json"
+    base = json.loads(path.read_text()) if path.exists() else {}
+    if base.get("ident") != ckpt.fingerprint:
+        base = {"ident": ckpt.fingerprint,
+                "heldout": nll.evaluate(backbone, sets.heldout, cfg.lens_positions, "base held-out", cfg.lens_rows),
+                "control": nll.evaluate(backbone, sets.control, 0, "base control")}
+        io.write_json(path, base)
+    return base
+
+
+@dataclass
+class Training:
+    base_fingerprint: str      # of the backbone before the adapter was attached
+    adapter_config: dict
+    trainable_params: int
+    fit: dict                  # tuner.fit's result: history, resumed_from
+    seconds: float
+    peak_gb: float
+
+
+def train_adapter(backbone, sets: EncodedSets, ckpt, cfg: AdapterArgs) -> Training:
+    base_fingerprint = backbone.fingerprint
+    mx.random.seed(cfg.seed)   # LoRA's A matrices are initialised from the global MLX generator
+    adapter_config = tuner.attach(backbone.model, cfg.kind, cfg.blocks, cfg.rank, cfg.scale, cfg.dropout)
+    trainable = tuner.trainable_count(backbone.model)
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    fit = tuner.fit(backbone.model, sets.train, iters=cfg.iters, batch_size=cfg.batch_size, max_seq=cfg.max_seq,
+                    learning_rate=cfg.learning_rate, warmup=cfg.warmup, seed=cfg.seed, ckpt=ckpt,
+                    every=cfg.checkpoint_every)
+    return Training(base_fingerprint, adapter_config, trainable, fit, time.perf_counter() - start,
+                    mx.get_peak_memory() / 2**30)
+
+
+def save_adapter(adapter_dir: Path, backbone, training: Training, lanes: Lanes, cfg: AdapterArgs):
+    """The mlx-lm adapter directory with AGP's metadata; returns it and the metadata."""
+    n = backbone.n_layers
+    meta = {"base_fingerprint": training.base_fingerprint, "tokenizer_fingerprint": backbone.tokenizer_fingerprint,
+            "base_model": str(backbone.path), "kind": cfg.kind, "rank": cfg.rank, "scale": cfg.scale,
+            "blocks": list(range(n - min(cfg.blocks, n), n)),
+            "data_sha256": lanes.manifest["lanes"]["sft"]["train"]["sha256"], "steps": cfg.iters,
+            "trainable_params": training.trainable_params, "config": cfg.to_dict()}
+    tuner.save_adapter(adapter_dir, backbone.model, training.adapter_config, meta)
+    return adapter_dir, meta
+
+
+def stage_metrics(cfg: AdapterArgs, lanes: Lanes, adapter_dir: Path, meta: dict, base: dict, tuned: dict,
+                  training: Training) -> dict:
+    manifest = lanes.manifest
+    evaluation = {}
+    for split in ("heldout", "control"):
+        b, t = base[split], tuned[split]
+        evaluation[split] = {"base_nll": b["nll"], "tuned_nll": t["nll"], "base_ppl": b["ppl"],
+                             "tuned_ppl": t["ppl"], "tokens": t["tokens"], "sequences": t["sequences"],
+                             "delta_nll": t["nll"] - b["nll"]}
+    return {
+        "config": cfg.to_dict(),
+        "data": {"manifest_sha256": io.sha256_file(lanes.data_dir / "manifest.json"), "rules": manifest["rules"],
+                 "read": {k: manifest["read"][k] for k in ("records", "malformed")}, "kept": manifest["kept"],
+                 "lanes": manifest["lanes"], "source": manifest["source"]},
+        "adapter": {**{k: meta[k] for k in ("kind", "rank", "scale", "blocks", "steps", "trainable_params",
+                                            "data_sha256", "base_fingerprint")},
+                    "weights_sha256": io.sha256_file(adapter_dir / "adapters.safetensors")},
+        "eval": evaluation,
+        "eval_set": {"heldout_ids": [r["id"] for r in lanes.heldout_rows], "control_rows": cfg.control_rows,
+                     "max_seq": cfg.max_seq, "lens_positions": cfg.lens_positions,
+                     "lens_rows": cfg.lens_rows},
+        "lens": {"base": base["heldout"].get("lens"), "tuned": tuned["heldout"].get("lens")},
+        "train": _training_figures(cfg, training),
+    }
+
+
+def _training_figures(cfg: AdapterArgs, training: Training) -> dict:
+    hist = training.fit["history"]
+    steps_timed = [h["step_seconds"] for h in hist[1:]] or [h["step_seconds"] for h in hist]
+    return {"steps": cfg.iters, "resumed_from": training.fit["resumed_from"], "seconds": round(training.seconds, 2),
+            "step_seconds_median": float(np.median(steps_timed)) if steps_timed else None,
+            "tokens_per_second_median": float(np.median([h["tokens_per_second"] for h in hist])) if hist else None,
+            "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None,
+            "mlx_peak_memory_gb": round(training.peak_gb, 3),
+            "rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "history": hist}
 
 
 def _report(out, m) -> None:

@@ -17,15 +17,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from agp.calibrate import metrics as M
-from agp.calibrate import policy as P
-from agp.calibrate.temperature import fit_temperature, softmax
 from agp import config, io
+from agp.calibrate.metrics import auroc, bootstrap_recall, ece, nll, per_class
+from agp.calibrate.policy import (ACC, ESC, REV, PolicyArgs, choose_gate, confidence, decide, fit_thresholds,
+                                  gate_sweep, recall_frontier)
+from agp.calibrate.temperature import fit_temperature, softmax
 from agp.config import ConfigMixin
 from agp.errors import AGPError
-from agp.heads import baselines as B
-from agp.heads.controller import TASKS, HeadArgs, train
-from agp.oracle import labels as L
+from agp.heads import baselines
+from agp.heads.controller import TASKS, Controller, HeadArgs, train
+from agp.oracle.labels import ROUTES, VITALITY, LabelArgs, class_shares, require_all_classes, route_labels
 from agp.oracle.probes import fit_translator, hidden_at, probe_stats
 from agp.oracle.sweep import sweep
 
@@ -58,7 +59,7 @@ class ControllerArgs(ConfigMixin):
     lens_ridge: float = 0.1           # residual translator ridge (standardised inputs)
     min_stability: float = 0.8        # label sweep: least share of labels unchanged under resampling
     heads: HeadArgs = field(default_factory=HeadArgs)
-    policy: P.PolicyArgs = field(default_factory=P.PolicyArgs)
+    policy: PolicyArgs = field(default_factory=PolicyArgs)
     agree_targets: tuple = (0.9, 0.95)  # agreement levels the savings curves report
 
     def validate(self) -> None:
@@ -73,6 +74,9 @@ def default_layers(n: int) -> tuple[list[int], int]:
     """Probe layers and decision layer for an n-layer model."""
     probe = sorted({x for x in (n // 3, n // 2, 2 * n // 3, n - 3, n - 1) if 0 < x < n})
     return probe, 2 * n // 3
+
+
+
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -92,24 +96,130 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def source(run, model_arg) -> dict:
+# ------------------------------------------------------------------------------------------------
+# The stage: a thin `run` over named steps, each returning one small dataclass.
+# ------------------------------------------------------------------------------------------------
+
+def run(run, args) -> dict:
+    """Label, sweep, train, calibrate and compare; write the stage-2 artifacts."""
+    from agp.backbone import load
+
+    t_start = time.perf_counter()
+    timings = {}
+    cfg = config.for_stage(ControllerArgs, NAME, args)
+    out = run.stage_dir(NAME)
+    prompts = choose_prompts(source(run), cfg)
+    backbone = load(getattr(args, "model", None), adapter=prompts.adapter_dir)
+    layers = choose_layers(backbone.n_layers, cfg)
+    timings["load_s"] = time.perf_counter() - t_start
+
+    step_start = time.perf_counter()
+    probes = collect(backbone, prompts.rows, cfg, layers.probe, layers.decision, layers.read)
+    timings["oracle_probes_s"] = time.perf_counter() - step_start
+    labels = label(probes, layers, cfg)
+    io.write_json(out / "sweep.json", labels.sweep)
+
+    step_start = time.perf_counter()
+    heads = train_heads(probes, labels, layers, cfg)
+    timings["heads_s"] = time.perf_counter() - step_start
+    layer_macs = backbone.layer_macs(context=cfg.max_tokens // 2)
+    if heads.controller.macs() > max(layer_macs):
+        raise AGPError(f"controller costs {heads.controller.macs()} MACs per decision, over one layer's "
+                       f"{max(layer_macs)}; shrink the heads or read fewer layers")
+
+    calibration = calibrate(heads, labels, probes, layers, cfg)
+    compared = compare_baselines(backbone, probes, labels, layers, heads, cfg)
+    savings = savings_curves(backbone, layer_macs, probes, labels, layers, heads, calibration, compared, cfg)
+    write_artifacts(out, probes, labels, layers, heads, calibration)
+    metrics = stage_metrics(run, out, cfg, prompts, backbone, layer_macs, probes, labels, layers, heads,
+                            calibration, compared, savings, timings)
+    timings["before_report_s"] = time.perf_counter() - t_start
+    from agp.report.controller import write_report
+    write_report(out, metrics, calibration.abstain, calibration.tasks, calibration.route_heldout,
+                 heads.targets["heldout"]["route"], labels.sweep["rows"])
+    timings["total_s"] = time.perf_counter() - t_start
+    run.manifest.setdefault("datasets", {})["controller/oracle.npz"] = metrics["dataset"]["sha256_oracle"]
+    run.update_stage(NAME, artifacts={"heads_dir": str(out / "heads"), "oracle": str(out / "oracle.npz"),
+                                      "decisions": str(out / "decisions.jsonl")})
+    return _clean(metrics)
+
+
+@dataclass
+class Source:
+    """Where the teacher and the prompts come from."""
+    backbone: str              # "adapter" (stage-1 tuned) or "base"
+    adapter_dir: str | None
+    prompt_source: str         # run-relative path of the prompt rows
+    rows: list[dict]
+    resplit: bool              # the rows' own splits are not trusted (baseline pack): re-split by hash
+
+
+def source(run) -> Source:
     """Backbone and prompts: the adapter + routing lane when stage 1 finished, else base + baseline pack."""
-    ad = run.stage("adapter")
-    if ad.get("status") == "done":
-        adir = (ad.get("artifacts") or {}).get("adapter_dir")
-        if not adir or not Path(adir).exists():
-            raise AGPError(f"adapter stage of {run.path} finished but its adapter_dir ({adir}) is missing; "
+    adapter = run.stage("adapter")
+    if adapter.get("status") == "done":
+        adapter_dir = (adapter.get("artifacts") or {}).get("adapter_dir")
+        if not adapter_dir or not Path(adapter_dir).exists():
+            raise AGPError(f"adapter stage of {run.path} finished but its adapter_dir ({adapter_dir}) is missing; "
                            f"rerun `agp run --stage adapter`")
         lane = run.path / "adapter" / "data" / "routing"
         rows = []
-        for s in SPLITS:
-            rows += [dict(r, split=r.get("split", s)) for r in _read_jsonl(lane / f"{s}.jsonl")]
-        return {"backbone": "adapter", "adapter_dir": str(adir), "prompt_source": "adapter/data/routing",
-                "rows": rows, "resplit": False}
+        for split in SPLITS:
+            rows += [dict(r, split=r.get("split", split)) for r in _read_jsonl(lane / f"{split}.jsonl")]
+        return Source("adapter", str(adapter_dir), "adapter/data/routing", rows, resplit=False)
     run.require("baseline", NAME)
     rows = _read_jsonl(run.path / "baseline" / "prompts.jsonl")
-    return {"backbone": "base", "adapter_dir": None, "prompt_source": "baseline/prompts.jsonl",
-            "rows": rows, "resplit": True}
+    return Source("base", None, "baseline/prompts.jsonl", rows, resplit=True)
+
+
+@dataclass
+class Prompts:
+    """The labelled prompts, with their splits, and how they were chosen."""
+    rows: list[dict]
+    backbone: str
+    adapter_dir: str | None
+    prompt_source: str
+    topped_up: int             # rows added from the prompt-pack builder to reach cfg.prompts
+    resplit: bool              # splits were reassigned 60/20/20 by hash
+
+
+def choose_prompts(src: Source, cfg: ControllerArgs) -> Prompts:
+    """Exactly cfg.prompts rows when the source and the pack builder have them, with usable splits."""
+    from agp.data.prompt_pack import PromptPackArgs, build_prompt_pack
+
+    rows, topped = src.rows, 0
+    if len(rows) < cfg.prompts:
+        seen = {r["id"] for r in rows}
+        extra = [r for r in build_prompt_pack(PromptPackArgs(per_source=cfg.prompts)) if r["id"] not in seen]
+        topped = min(cfg.prompts - len(rows), len(extra))
+        rows = rows + extra[:topped]
+    if len(rows) > cfg.prompts:          # a hash-ordered sample keeps the source's mix of splits and kinds
+        rows = sorted(rows, key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())[: cfg.prompts]
+    rows, resplit = assign_splits(rows, src.resplit)
+    return Prompts(rows, src.backbone, src.adapter_dir, src.prompt_source, topped, resplit)
+
+
+@dataclass
+class Layers:
+    n: int                     # the backbone's layer count (full depth)
+    probe: list[int]           # layers whose tuned-lens answer is scored against full depth
+    decision: int              # D: the layer the controller decides at
+    read: list[int]            # hidden layers the heads read
+    exits: list[int]           # earliest-layer classes: the probe layers, then full depth
+
+
+def choose_layers(n: int, cfg: ControllerArgs) -> Layers:
+    probe, decision = default_layers(n)
+    if cfg.probe_layers:
+        probe = cfg.probe_layers
+        if any(not 0 < layer < n for layer in probe):
+            raise AGPError(f"--controller-layers must lie in 1..{n - 1}, got {probe}")
+    decision = cfg.decision_layer or decision
+    if decision not in probe:
+        raise AGPError(f"decision layer {decision} is not among the probe layers {probe}; "
+                       f"include it in --controller-layers")
+    read = cfg.read_layers or sorted({x for x in (n // 3, n // 2, decision) if 0 < x <= decision})
+    return Layers(n, probe, decision, read, probe + [n])
 
 
 def assign_splits(rows: list[dict], force: bool) -> tuple[list[dict], bool]:
@@ -129,63 +239,334 @@ def assign_splits(rows: list[dict], force: bool) -> tuple[list[dict], bool]:
     return out, True
 
 
-def collect(bb, rows, cfg, probe, d, read, progress=True) -> dict:
+@dataclass
+class Probes:
+    """Per probed position: the probe statistics [n_probe, N] (tuned lens at each probe layer vs full
+    depth), the hidden states the heads and baselines read, and where the position came from."""
+    kl: np.ndarray
+    agree: np.ndarray
+    margin: np.ndarray
+    entropy: np.ndarray
+    p1: np.ndarray
+    teacher_margin: np.ndarray
+    teacher_entropy: np.ndarray
+    hidden: dict               # layer -> [N, hidden]
+    split: np.ndarray
+    prompt: np.ndarray
+    position: np.ndarray
+    translators: dict | None   # layer -> Translator fitted on every prompt (saved for later stages)
+
+
+PROBE_STATS = ("kl", "agree", "margin", "entropy", "p1", "teacher_margin", "teacher_entropy")
+
+
+def collect(backbone, rows, cfg, probe, decision, read, progress=True) -> Probes:
     """Hidden states and probe statistics for every prompt. Tuned-lens translators are cross-fitted
     (docs/labels.md): prompts fall into `lens_folds` folds by sha256(id), and each fold is probed
     with translators fitted on the other folds only, so no label comes from a translator that saw
     its prompt (fitted in-sample, the ridge maps overfit and train labels would look easier than
     held-out ones)."""
-    from agp.train.baseline import probe_positions
-
-    L_ = bb.n_layers
-    want = sorted(set(probe) | set(read) | {d - 1, L_})
-    per = []
-    for r in tqdm(rows, desc="hidden states", unit="prompt", disable=not progress):
-        ids = bb.encode(r["text"], max_tokens=cfg.max_tokens, truncate=True)
-        if len(ids) < 2:
-            continue
-        h = hidden_at(bb, ids, want, list(range(1, len(ids))))
-        pos = [p - 1 for p in probe_positions(len(ids), cfg.positions)]   # index into positions 1..T-1
-        fold = int(hashlib.sha256(str(r["id"]).encode()).hexdigest()[:8], 16) % max(cfg.lens_folds, 1)
-        per.append({"row": r, "pos": np.asarray(pos) + 1, "fold": fold, "h": {l: v[pos] for l, v in h.items()},
-                    "all": {l: h[l] for l in probe + [L_]} if cfg.tuned_lens else None})
-    if not per:
-        raise AGPError("no prompt had 2 or more tokens; the prompt source is empty")
-    folds = sorted({it["fold"] for it in per})
+    n_layers = backbone.n_layers
+    wanted = sorted(set(probe) | set(read) | {decision - 1, n_layers})
+    prompts = _hidden_states(backbone, rows, cfg, probe, wanted, progress)
+    folds = sorted({p["fold"] for p in prompts})
     if cfg.tuned_lens and len(folds) < 2:
         raise AGPError(f"cross-fitted tuned lens needs prompts in 2 or more of {cfg.lens_folds} folds; add prompts")
-    H = {l: np.concatenate([it["h"][l] for it in per]) for l in want}
-    fold_of = np.concatenate([[it["fold"]] * len(it["pos"]) for it in per])
+    hidden = {layer: np.concatenate([p["h"][layer] for p in prompts]) for layer in wanted}
+    fold_of = np.concatenate([[p["fold"]] * len(p["pos"]) for p in prompts])
     stats, order = [], []
     with tqdm(total=len(fold_of), desc=f"probes ({len(probe)} layers x full head)", unit="pos",
               disable=not progress) as bar:
-        for k in folds:
-            tr = None
+        for fold in folds:
+            translators = None
             if cfg.tuned_lens:
-                others = [it for it in per if it["fold"] != k]
-                hf = np.concatenate([it["all"][L_] for it in others])
-                tr = {l: fit_translator(np.concatenate([it["all"][l] for it in others]), hf, cfg.lens_ridge)
-                      for l in probe}
-            ix = np.flatnonzero(fold_of == k)
-            for a in range(0, len(ix), cfg.probe_batch):
-                sl = ix[a:a + cfg.probe_batch]
-                stats.append(probe_stats(bb, {l: H[l][sl] for l in probe}, H[L_][sl], probe, tr, full_layers=[d]))
-                order.append(sl)
-                bar.update(len(sl))
-    inv = np.argsort(np.concatenate(order))
-    cat = lambda k: np.concatenate([s[k] for s in stats], axis=-1)[..., inv]  # noqa: E731
-    data = {k: cat(k) for k in ("kl", "agree", "margin", "entropy", "p1", "teacher_margin", "teacher_entropy")}
-    translators = None
-    if cfg.tuned_lens:         # the map saved for later stages: fitted on every prompt
-        hf = np.concatenate([it["all"][L_] for it in per])
-        translators = {l: fit_translator(np.concatenate([it["all"][l] for it in per]), hf, cfg.lens_ridge)
-                       for l in probe}
-    data["hidden"] = H
-    data["split"] = np.concatenate([[it["row"]["split"]] * len(it["pos"]) for it in per])
-    data["prompt"] = np.concatenate([[str(it["row"]["id"])] * len(it["pos"]) for it in per])
-    data["position"] = np.concatenate([it["pos"] for it in per])
-    data["translators"] = translators
-    return data
+                translators = _fit_translators([p for p in prompts if p["fold"] != fold], probe, n_layers,
+                                               cfg.lens_ridge)
+            in_fold = np.flatnonzero(fold_of == fold)
+            for start in range(0, len(in_fold), cfg.probe_batch):
+                batch = in_fold[start:start + cfg.probe_batch]
+                stats.append(probe_stats(backbone, {layer: hidden[layer][batch] for layer in probe},
+                                         hidden[n_layers][batch], probe, translators, full_layers=[decision]))
+                order.append(batch)
+                bar.update(len(batch))
+    back_to_input_order = np.argsort(np.concatenate(order))
+    per_position = {k: np.concatenate([s[k] for s in stats], axis=-1)[..., back_to_input_order]
+                    for k in PROBE_STATS}
+    # the map saved for later stages: fitted on every prompt
+    final_translators = _fit_translators(prompts, probe, n_layers, cfg.lens_ridge) if cfg.tuned_lens else None
+    return Probes(**per_position, hidden=hidden,
+                  split=np.concatenate([[p["row"]["split"]] * len(p["pos"]) for p in prompts]),
+                  prompt=np.concatenate([[str(p["row"]["id"])] * len(p["pos"]) for p in prompts]),
+                  position=np.concatenate([p["pos"] for p in prompts]),
+                  translators=final_translators)
+
+
+def _hidden_states(backbone, rows, cfg, probe, wanted, progress) -> list[dict]:
+    """Per prompt: the probed positions, its lens fold, the hidden states at those positions and (for
+    the tuned lens) at every position of the probe layers and the last layer."""
+    from agp.train.baseline import probe_positions
+
+    n_layers = backbone.n_layers
+    prompts = []
+    for row in tqdm(rows, desc="hidden states", unit="prompt", disable=not progress):
+        ids = backbone.encode(row["text"], max_tokens=cfg.max_tokens, truncate=True)
+        if len(ids) < 2:
+            continue
+        states = hidden_at(backbone, ids, wanted, list(range(1, len(ids))))
+        picked = [p - 1 for p in probe_positions(len(ids), cfg.positions)]   # index into positions 1..T-1
+        fold = int(hashlib.sha256(str(row["id"]).encode()).hexdigest()[:8], 16) % max(cfg.lens_folds, 1)
+        prompts.append({"row": row, "pos": np.asarray(picked) + 1, "fold": fold,
+                        "h": {layer: v[picked] for layer, v in states.items()},
+                        "all": {layer: states[layer] for layer in probe + [n_layers]} if cfg.tuned_lens else None})
+    if not prompts:
+        raise AGPError("no prompt had 2 or more tokens; the prompt source is empty")
+    return prompts
+
+
+def _fit_translators(prompts: list[dict], probe: list[int], n_layers: int, ridge: float) -> dict:
+    final = np.concatenate([p["all"][n_layers] for p in prompts])
+    return {layer: fit_translator(np.concatenate([p["all"][layer] for p in prompts]), final, ridge)
+            for layer in probe}
+
+
+@dataclass
+class Labels:
+    """Oracle labels for every position and the label-parameter sweep that chose their rule."""
+    sweep: dict
+    route: np.ndarray
+    vitality: np.ndarray
+    earliest: np.ndarray       # earliest acceptable layer
+    earliest_cls: np.ndarray   # its index into Layers.exits
+    index: dict                # split -> position indices
+
+
+def label(probes: Probes, layers: Layers, cfg: ControllerArgs) -> Labels:
+    """Sweep the label parameters on train, apply the chosen rule everywhere."""
+    index = {s: np.flatnonzero(probes.split == s) for s in SPLITS}
+    for split, positions in index.items():
+        if len(positions) == 0:
+            raise AGPError(f"the {split} split has no positions; add prompts (--controller-prompts)")
+    train_ix = index["train"]
+    swept = sweep(probes.kl[:, train_ix], probes.agree[:, train_ix], probes.teacher_margin[train_ix],
+                  layers.probe, layers.decision, layers.n, cfg.min_stability)
+    labelled = route_labels(probes.kl, probes.agree, probes.teacher_margin, layers.probe, layers.decision,
+                            layers.n, LabelArgs(**swept["chosen"]))
+    require_all_classes(labelled["route"][train_ix], ROUTES, "the train split's route labels")
+    require_all_classes(labelled["vitality"][train_ix], VITALITY, "the train split's vitality labels")
+    return Labels(swept, labelled["route"], labelled["vitality"], labelled["earliest"],
+                  np.searchsorted(layers.exits, labelled["earliest"]), index)
+
+
+@dataclass
+class Heads:
+    """The deployed three-head controller, the smaller variants it was compared with, and the ceiling."""
+    features: np.ndarray       # [N, read layers x hidden], every position
+    by_split: dict             # split -> features
+    targets: dict              # split -> task -> labels
+    controller: Controller
+    training: dict
+    variants: dict             # variant name -> held-out figures
+    ceiling: dict              # information_ceiling()
+
+
+VARIANTS = {"route": ["route"], "route+vitality": ["route", "vitality"], "route+vitality+earliest": list(TASKS)}
+
+
+def train_heads(probes: Probes, labels: Labels, layers: Layers, cfg: ControllerArgs) -> Heads:
+    features = np.concatenate([probes.hidden[layer] for layer in layers.read], axis=1)
+    by_split = {s: features[ix] for s, ix in labels.index.items()}
+    targets = {s: {"route": labels.route[ix], "vitality": labels.vitality[ix], "earliest": labels.earliest_cls[ix]}
+               for s, ix in labels.index.items()}
+    n_out = {"route": len(ROUTES), "vitality": len(VITALITY), "earliest": len(layers.exits)}
+    trained, compared = {}, {}
+    with tqdm(total=cfg.heads.steps * (len(VARIANTS) + 1), desc="controller heads", unit="step") as bar:
+        ceiling = information_ceiling(by_split, targets, probes, labels.index, layers.probe.index(layers.decision),
+                                      cfg.heads, bar)
+        for variant, tasks in VARIANTS.items():
+            head_args = HeadArgs.from_dict({**cfg.heads.to_dict(), "tasks": tasks})
+            controller, info = train(by_split, targets, n_out, head_args, progress=bar)
+            compared[variant] = _variant_figures(controller, info, by_split["heldout"], targets["heldout"])
+            trained[variant] = (controller, info)
+    controller, info = trained["route+vitality+earliest"]
+    return Heads(features, by_split, targets, controller, info, compared, ceiling)
+
+
+def _variant_figures(controller, info, features, targets) -> dict:
+    logits = controller.logits(features)
+    figures = {"route_macro_f1": per_class(targets["route"], logits["route"].argmax(1), ROUTES)["macro_f1"],
+               "best_valid_route_macro_f1": info["best_valid_route_macro_f1"], "macs": controller.macs()}
+    if "vitality" in logits:
+        vitality = per_class(targets["vitality"], logits["vitality"].argmax(1), VITALITY)
+        figures["vitality_macro_f1"] = vitality["macro_f1"]
+    return figures
+
+
+def information_ceiling(by_split, targets, probes: Probes, index, decision_row, head_args, bar=None) -> dict:
+    """A route head on the hidden states plus the LM-head probe statistics at D (entropy, top-1
+    probability, margin): signals the deployed heads may not pay for (each costs one pass through
+    the vocabulary-wide head). Not deployable; it estimates (trained, so not a strict bound) what
+    reading more of the state at D could buy: a class that stays low here is limited by its label,
+    not by the controller's size."""
+    extra = np.stack([getattr(probes, k)[decision_row] for k in ("entropy", "p1", "margin")], 1)
+    widened = {s: np.concatenate([by_split[s], extra[ix]], 1) for s, ix in index.items()}
+    head_args = HeadArgs.from_dict({**head_args.to_dict(), "tasks": ["route"]})
+    controller, info = train(widened, targets, {"route": len(ROUTES)}, head_args, progress=bar)
+    temperature = fit_temperature(controller.logits(widened["valid"])["route"], targets["valid"]["route"])
+    probs = softmax(controller.logits(widened["heldout"])["route"], temperature)
+    return {"features": "read layers + entropy, top-1 probability and margin of the tuned-lens probe at D",
+            "route_argmax": per_class(targets["heldout"]["route"], probs.argmax(1), ROUTES),
+            "recall_frontier_heldout": recall_frontier(probs, targets["heldout"]["route"]),
+            "best_valid_route_macro_f1": info["best_valid_route_macro_f1"]}
+
+
+@dataclass
+class Calibration:
+    """Temperatures per head, the route policy (thresholds, abstain gate) and its held-out figures."""
+    tasks: dict                # task -> temperature, ECE / NLL before and after, held-out per-class figures
+    thresholds: dict
+    gate: float
+    route_valid: np.ndarray    # calibrated route probabilities
+    route_heldout: np.ndarray
+    action: np.ndarray         # held-out policy actions
+    confidence: np.ndarray
+    policy: dict               # held-out per-class figures of the policy's actions
+    recall_ci: dict
+    frontier: dict
+    abstain: dict
+    earliest_logits: np.ndarray  # held-out earliest-layer head logits
+    earliest_pred: np.ndarray  # held-out predicted earliest layer
+    earliest_error: dict
+    vitality_heldout: np.ndarray  # calibrated held-out vitality probabilities
+
+
+def calibrate(heads: Heads, labels: Labels, probes: Probes, layers: Layers, cfg: ControllerArgs) -> Calibration:
+    logits_valid = heads.controller.logits(heads.by_split["valid"])
+    logits_heldout = heads.controller.logits(heads.by_split["heldout"])
+    y_valid, y_heldout = heads.targets["valid"], heads.targets["heldout"]
+    names = {"route": ROUTES, "vitality": VITALITY, "earliest": [str(e) for e in layers.exits]}
+    tasks = {}
+    for task in TASKS:
+        temperature = fit_temperature(logits_valid[task], y_valid[task])
+        before, after = softmax(logits_heldout[task]), softmax(logits_heldout[task], temperature)
+        tasks[task] = {"temperature": temperature, "ece_before": ece(before, y_heldout[task]),
+                       "ece_after": ece(after, y_heldout[task]), "nll_before": nll(before, y_heldout[task]),
+                       "nll_after": nll(after, y_heldout[task]),
+                       "heldout": per_class(y_heldout[task], after.argmax(1), names[task])}
+    route_t = tasks["route"]["temperature"]
+    route_valid, route_heldout = softmax(logits_valid["route"], route_t), softmax(logits_heldout["route"], route_t)
+    thresholds = fit_thresholds(route_valid, y_valid["route"], cfg.policy)
+    action_valid, action = decide(route_valid, thresholds), decide(route_heldout, thresholds)
+    conf_valid, conf = confidence(route_valid, action_valid), confidence(route_heldout, action)
+    gate = choose_gate(conf_valid, cfg.policy.min_acceptance)
+    earliest_probs = softmax(logits_heldout["earliest"], tasks["earliest"]["temperature"])
+    earliest_pred = np.asarray(layers.exits)[earliest_probs.argmax(1)]
+    earliest_true = labels.earliest[labels.index["heldout"]]
+    return Calibration(
+        tasks, thresholds, gate, route_valid, route_heldout, action, conf,
+        policy=per_class(y_heldout["route"], action, ROUTES),
+        recall_ci=_policy_recall(y_heldout["route"], action, probes.prompt[labels.index["heldout"]]),
+        frontier=recall_frontier(route_heldout, y_heldout["route"]),
+        abstain=_abstain(conf, action == y_heldout["route"], gate),
+        earliest_logits=logits_heldout["earliest"], earliest_pred=earliest_pred,
+        earliest_error={"mean_abs_layer_error": float(np.abs(earliest_pred - earliest_true).mean()),
+                        "exact": float((earliest_pred == earliest_true).mean())},
+        vitality_heldout=softmax(logits_heldout["vitality"], tasks["vitality"]["temperature"]))
+
+
+def _policy_recall(y, action, groups) -> dict:
+    """Escalate and revive recall of the policy with prompt-bootstrap intervals."""
+    recall_ci = {ROUTES[a]: bootstrap_recall(y, action, groups, a) for a in (ESC, REV)}
+    # escalate is the deeper corrective path: a revive_local position sent there is not exited or
+    # continued unchanged, so this is the share of revive positions that get *some* correction
+    revive = y == REV
+    recall_ci["revive_local"]["corrective_coverage"] = (float(np.isin(action[revive], [REV, ESC]).mean())
+                                                        if revive.any() else None)
+    return recall_ci
+
+
+def _abstain(conf, correct, gate) -> dict:
+    keep = conf >= gate
+    return {"gate": gate, "acceptance": float(keep.mean()),
+            "error_all": float(1 - correct.mean()),
+            "error_accepted": float(1 - correct[keep].mean()) if keep.any() else None,
+            "auroc_conf_correct": auroc(conf, correct),
+            "sweep": gate_sweep(conf, correct)}
+
+
+@dataclass
+class Baselines:
+    """The comparison methods on the same labels: their exit scores, decision costs and figures."""
+    scores: dict               # method -> exit score per position (higher: exit sooner)
+    decision_macs: dict        # method -> MACs per decision
+    results: dict              # method -> held-out figures
+
+
+def compare_baselines(backbone, probes: Probes, labels: Labels, layers: Layers, heads: Heads,
+                      cfg: ControllerArgs) -> Baselines:
+    decision_row = layers.probe.index(layers.decision)
+    k = len(ROUTES)
+    index = labels.index
+    y_train = labels.route[index["train"]]
+    n_valid, n_heldout = len(index["valid"]), len(index["heldout"])
+    scores = {"entropy-only": -probes.entropy[decision_row],
+              "softmax-confidence (CALM)": probes.margin[decision_row],
+              "hidden-saturation (CALM)": baselines.saturation(probes.hidden[layers.decision],
+                                                               probes.hidden[layers.decision - 1])}
+    head_cost = backbone.head_macs() + (backbone.hidden_size ** 2 if cfg.tuned_lens else 0)
+    decision_macs = {"controller": heads.controller.macs(), "majority": 0, "entropy-only": head_cost,
+                     "softmax-confidence (CALM)": head_cost, "hidden-saturation (CALM)": 3 * backbone.hidden_size,
+                     "fixed-layer (exit at D)": 0}
+    probs = {"majority": (baselines.majority_proba(y_train, n_valid, k),
+                          baselines.majority_proba(y_train, n_heldout, k)),
+             "fixed-layer (exit at D)": (baselines.constant_proba(0, n_valid, k),
+                                         baselines.constant_proba(0, n_heldout, k))}
+    for name, score in scores.items():
+        rule = baselines.ScalarRule(k).fit(score[index["train"]], y_train)
+        probs[name] = (rule.proba(score[index["valid"]]), rule.proba(score[index["heldout"]]))
+    y_valid, y_heldout = heads.targets["valid"]["route"], heads.targets["heldout"]["route"]
+    results = {}
+    for name, (p_valid, p_heldout) in probs.items():
+        temperature = fit_temperature(np.log(np.clip(p_valid, 1e-9, 1)), y_valid)
+        calibrated = softmax(np.log(np.clip(p_heldout, 1e-9, 1)), temperature)
+        results[name] = {"heldout": per_class(y_heldout, p_heldout.argmax(1), ROUTES),
+                         "ece_before": ece(p_heldout, y_heldout), "ece_after": ece(calibrated, y_heldout),
+                         "temperature": temperature, "macs_per_decision": decision_macs[name]}
+    return Baselines(scores, decision_macs, results)
+
+
+@dataclass
+class Savings:
+    curves: dict               # method -> points over its thresholds
+    best: dict                 # method -> agreement target -> best point
+
+
+def savings_curves(backbone, layer_macs, probes: Probes, labels: Labels, layers: Layers, heads: Heads,
+                   calibration: Calibration, compared: Baselines, cfg: ControllerArgs) -> Savings:
+    """Layer savings at equal top-1 agreement (held-out)."""
+    heldout = labels.index["heldout"]
+    n, decision = layers.n, layers.decision
+    agree_at = {layer: probes.agree[i][heldout] for i, layer in enumerate(layers.probe)}
+    agree_at[n] = np.ones(len(heldout), bool)
+    full = sum(layer_macs) + backbone.head_macs()
+    cumulative = np.concatenate([[0], np.cumsum(layer_macs)])
+
+    def coster(decision_cost):
+        return lambda exit_layer: 1 - (cumulative[exit_layer] + backbone.head_macs() + decision_cost).mean() / full
+    controller_cost = coster(heads.controller.macs())
+    curves = {"controller (accept head)": exit_curve(calibration.route_heldout[:, ACC], agree_at, decision, n,
+                                                     controller_cost)}
+    earliest_conf = softmax(calibration.earliest_logits, calibration.tasks["earliest"]["temperature"]).max(1)
+    curves["controller (earliest head)"] = [
+        _point(np.where(earliest_conf >= t, np.maximum(calibration.earliest_pred, decision), n), agree_at, n,
+               controller_cost)
+        for t in np.linspace(0, 1, 41)]
+    for name, score in compared.scores.items():
+        curves[name] = exit_curve(score[heldout], agree_at, decision, n, coster(compared.decision_macs[name]))
+    curves["fixed-layer"] = [_point(np.full(len(heldout), layer), agree_at, n, coster(0)) for layer in layers.exits]
+    oracle_point = _point(labels.earliest[heldout], agree_at, n, coster(0))
+    best = {name: {str(t): best_at(c, t) for t in cfg.agree_targets} for name, c in curves.items()}
+    best["oracle (ceiling)"] = {str(t): oracle_point for t in cfg.agree_targets}
+    return Savings(curves, best)
 
 
 def exit_curve(score: np.ndarray, agree_at: dict, d: int, n: int, cost) -> list[dict]:
@@ -199,8 +580,8 @@ def exit_curve(score: np.ndarray, agree_at: dict, d: int, n: int, cost) -> list[
 
 
 def _point(exit_layer: np.ndarray, agree_at: dict, n: int, cost) -> dict:
-    ag = np.array([agree_at[int(e)][i] for i, e in enumerate(exit_layer)])
-    return {"agreement": float(ag.mean()), "layer_savings": float(1 - exit_layer.mean() / n),
+    agreed = np.array([agree_at[int(e)][i] for i, e in enumerate(exit_layer)])
+    return {"agreement": float(agreed.mean()), "layer_savings": float(1 - exit_layer.mean() / n),
             "mac_savings": float(cost(exit_layer))}
 
 
@@ -210,252 +591,82 @@ def best_at(curve: list[dict], target: float) -> dict:
                                                                  "mac_savings": None}
 
 
-def run(run, args) -> dict:
-    """Label, sweep, train, calibrate and compare; write the stage-2 artifacts."""
-    from agp.backbone import load
-    from agp.data.prompt_pack import PromptPackArgs, build_prompt_pack
+def write_artifacts(out: Path, probes: Probes, labels: Labels, layers: Layers, heads: Heads,
+                    calibration: Calibration) -> None:
+    """heads/ (+ calibration.json), translators.npz, features.npz, oracle.npz, decisions.jsonl."""
+    heads.controller.save(out / "heads")
+    io.write_json(out / "heads" / "calibration.json",
+                  {"temperatures": {t: calibration.tasks[t]["temperature"] for t in TASKS},
+                   "thresholds": calibration.thresholds, "abstain_gate": calibration.gate, "exits": layers.exits,
+                   "read_layers": layers.read, "decision_layer": layers.decision})
+    if probes.translators:
+        _write_npz(out / "translators.npz", compressed=False,
+                   **{f"W{layer}": t.W for layer, t in probes.translators.items()},
+                   **{f"b{layer}": t.b for layer, t in probes.translators.items()})
+    # lets gates/benchmarks re-run the saved heads
+    _write_npz(out / "features.npz", features=heads.features.astype(np.float32), split=probes.split,
+               route=labels.route, vitality=labels.vitality, earliest=labels.earliest_cls)
+    _write_npz(out / "oracle.npz", layers=np.asarray(layers.probe), decision=layers.decision, kl=probes.kl,
+               agree=probes.agree, margin=probes.margin, entropy=probes.entropy,
+               teacher_margin=probes.teacher_margin, route=labels.route, vitality=labels.vitality,
+               earliest=labels.earliest, split=probes.split, prompt=probes.prompt, position=probes.position)
+    io.write_jsonl(out / "decisions.jsonl", _decision_records(probes, labels, layers, calibration))
 
-    t_start = time.perf_counter()
-    timings = {}
-    cfg = config.for_stage(ControllerArgs, NAME, args)
-    out = run.stage_dir(NAME)
-    src = source(run, getattr(args, "model", None))
-    rows = src.pop("rows")
-    topped = 0
-    if len(rows) < cfg.prompts:
-        seen = {r["id"] for r in rows}
-        extra = [r for r in build_prompt_pack(PromptPackArgs(per_source=cfg.prompts)) if r["id"] not in seen]
-        topped = min(cfg.prompts - len(rows), len(extra))
-        rows = rows + extra[:topped]
-    if len(rows) > cfg.prompts:          # a hash-ordered sample keeps the source's mix of splits and kinds
-        rows = sorted(rows, key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())[: cfg.prompts]
-    rows, resplit = assign_splits(rows, src.pop("resplit"))
-    bb = load(getattr(args, "model", None), adapter=src["adapter_dir"])
-    n = bb.n_layers
-    probe, d = default_layers(n)
-    if cfg.probe_layers:
-        probe = cfg.probe_layers
-        if any(not 0 < l < n for l in probe):
-            raise AGPError(f"--controller-layers must lie in 1..{n - 1}, got {probe}")
-    d = cfg.decision_layer or d
-    if d not in probe:
-        raise AGPError(f"decision layer {d} is not among the probe layers {probe}; include it in --controller-layers")
-    read = cfg.read_layers or sorted({x for x in (n // 3, n // 2, d) if 0 < x <= d})
-    timings["load_s"] = time.perf_counter() - t_start
 
-    t0 = time.perf_counter()
-    data = collect(bb, rows, cfg, probe, d, read)
-    timings["oracle_probes_s"] = time.perf_counter() - t0
-    split = data["split"]
-    idx = {s: np.flatnonzero(split == s) for s in SPLITS}
-    for s, ix in idx.items():
-        if len(ix) == 0:
-            raise AGPError(f"the {s} split has no positions; add prompts (--controller-prompts)")
-
-    # --- labels: sweep on train, chosen rule applied everywhere ----------------------------------
-    tr = idx["train"]
-    sw = sweep(data["kl"][:, tr], data["agree"][:, tr], data["teacher_margin"][tr], probe, d, n, cfg.min_stability)
-    largs = L.LabelArgs(**sw["chosen"])
-    lab = L.route_labels(data["kl"], data["agree"], data["teacher_margin"], probe, d, n, largs)
-    L.require_all_classes(lab["route"][tr], L.ROUTES, "the train split's route labels")
-    L.require_all_classes(lab["vitality"][tr], L.VITALITY, "the train split's vitality labels")
-    exits = probe + [n]
-    lab["earliest_cls"] = np.searchsorted(exits, lab["earliest"])
-    io.write_json(out / "sweep.json", sw)
-
-    # --- heads -----------------------------------------------------------------------------------
-    feats = np.concatenate([data["hidden"][l] for l in read], axis=1)
-    F = {s: feats[ix] for s, ix in idx.items()}
-    Y = {s: {"route": lab["route"][ix], "vitality": lab["vitality"][ix], "earliest": lab["earliest_cls"][ix]}
-         for s, ix in idx.items()}
-    n_out = {"route": len(L.ROUTES), "vitality": len(L.VITALITY), "earliest": len(exits)}
-    variants = {"route": ["route"], "route+vitality": ["route", "vitality"], "route+vitality+earliest": list(TASKS)}
-    t0 = time.perf_counter()
-    trained, compare = {}, {}
-    with tqdm(total=cfg.heads.steps * (len(variants) + 1), desc="controller heads", unit="step") as bar:
-        ceiling = information_ceiling(F, Y, data, idx, probe.index(d), cfg.heads, bar)
-        for vname, tasks in variants.items():
-            ha = HeadArgs.from_dict({**cfg.heads.to_dict(), "tasks": tasks})
-            ctl, info = train(F, Y, n_out, ha, progress=bar)
-            lg = ctl.logits(F["heldout"])
-            compare[vname] = {"route_macro_f1": M.per_class(Y["heldout"]["route"], lg["route"].argmax(1), L.ROUTES)["macro_f1"],
-                              "best_valid_route_macro_f1": info["best_valid_route_macro_f1"], "macs": ctl.macs()}
-            if "vitality" in lg:
-                compare[vname]["vitality_macro_f1"] = M.per_class(Y["heldout"]["vitality"], lg["vitality"].argmax(1), L.VITALITY)["macro_f1"]
-            trained[vname] = (ctl, info)
-    timings["heads_s"] = time.perf_counter() - t0
-    ctl, info = trained["route+vitality+earliest"]
-    layer_macs = bb.layer_macs(context=cfg.max_tokens // 2)
-    if ctl.macs() > max(layer_macs):
-        raise AGPError(f"controller costs {ctl.macs()} MACs per decision, over one layer's {max(layer_macs)}; "
-                       f"shrink the heads or read fewer layers")
-
-    # --- calibration -----------------------------------------------------------------------------
-    lv, lh = ctl.logits(F["valid"]), ctl.logits(F["heldout"])
-    yv, yh = Y["valid"], Y["heldout"]
-    names = {"route": L.ROUTES, "vitality": L.VITALITY, "earliest": [str(e) for e in exits]}
-    cal = {}
-    for t in TASKS:
-        T = fit_temperature(lv[t], yv[t])
-        ph0, ph1 = softmax(lh[t]), softmax(lh[t], T)
-        cal[t] = {"temperature": T, "ece_before": M.ece(ph0, yh[t]), "ece_after": M.ece(ph1, yh[t]),
-                  "nll_before": M.nll(ph0, yh[t]), "nll_after": M.nll(ph1, yh[t]),
-                  "heldout": M.per_class(yh[t], ph1.argmax(1), names[t])}
-    Tr = cal["route"]["temperature"]
-    pv, ph = softmax(lv["route"], Tr), softmax(lh["route"], Tr)
-    th = P.fit_thresholds(pv, yv["route"], cfg.policy)
-    act_v, act_h = P.decide(pv, th), P.decide(ph, th)
-    conf_v, conf_h = P.confidence(pv, act_v), P.confidence(ph, act_h)
-    gate = P.choose_gate(conf_v, cfg.policy.min_acceptance)
-    correct_h = act_h == yh["route"]
-    keep = conf_h >= gate
-    policy_m = M.per_class(yh["route"], act_h, L.ROUTES)
-    groups = data["prompt"][idx["heldout"]]
-    recall_ci = {L.ROUTES[a]: M.bootstrap_recall(yh["route"], act_h, groups, a) for a in (P.ESC, P.REV)}
-    # escalate is the deeper corrective path: a revive_local position sent there is not exited or
-    # continued unchanged, so this is the share of revive positions that get *some* correction
-    rev = yh["route"] == P.REV
-    recall_ci["revive_local"]["corrective_coverage"] = (float(np.isin(act_h[rev], [P.REV, P.ESC]).mean())
-                                                        if rev.any() else None)
-    frontier = P.recall_frontier(ph, yh["route"])
-    abstain = {"gate": gate, "acceptance": float(keep.mean()),
-               "error_all": float(1 - correct_h.mean()),
-               "error_accepted": float(1 - correct_h[keep].mean()) if keep.any() else None,
-               "auroc_conf_correct": M.auroc(conf_h, correct_h),
-               "sweep": P.gate_sweep(conf_h, correct_h)}
-    e_pred = np.asarray(exits)[softmax(lh["earliest"], cal["earliest"]["temperature"]).argmax(1)]
-    earliest_err = {"mean_abs_layer_error": float(np.abs(e_pred - data_e(lab, idx)).mean()),
-                    "exact": float((e_pred == data_e(lab, idx)).mean())}
-
-    # --- baselines on the same labels --------------------------------------------------------------
-    di = probe.index(d)
-    k = len(L.ROUTES)
-    ytr = lab["route"][tr]
-    scores = {"entropy-only": -data["entropy"][di], "softmax-confidence (CALM)": data["margin"][di],
-              "hidden-saturation (CALM)": B.saturation(data["hidden"][d], data["hidden"][d - 1])}
-    head_cost = bb.head_macs() + (bb.hidden_size ** 2 if cfg.tuned_lens else 0)
-    decision_macs = {"controller": ctl.macs(), "majority": 0, "entropy-only": head_cost,
-                     "softmax-confidence (CALM)": head_cost, "hidden-saturation (CALM)": 3 * bb.hidden_size,
-                     "fixed-layer (exit at D)": 0}
-    probs = {"majority": (B.majority_proba(ytr, len(idx["valid"]), k), B.majority_proba(ytr, len(idx["heldout"]), k)),
-             "fixed-layer (exit at D)": (B.constant_proba(0, len(idx["valid"]), k), B.constant_proba(0, len(idx["heldout"]), k))}
-    for name, s in scores.items():
-        rule = B.ScalarRule(k).fit(s[tr], ytr)
-        probs[name] = (rule.proba(s[idx["valid"]]), rule.proba(s[idx["heldout"]]))
-    base = {}
-    for name, (bv, bh) in probs.items():
-        T = fit_temperature(np.log(np.clip(bv, 1e-9, 1)), yv["route"])
-        bh1 = softmax(np.log(np.clip(bh, 1e-9, 1)), T)
-        base[name] = {"heldout": M.per_class(yh["route"], bh.argmax(1), L.ROUTES), "ece_before": M.ece(bh, yh["route"]),
-                      "ece_after": M.ece(bh1, yh["route"]), "temperature": T, "macs_per_decision": decision_macs[name]}
-
-    # --- layer savings at equal top-1 agreement (held-out) ------------------------------------------
-    hi = idx["heldout"]
-    agree_at = {l: data["agree"][i][hi] for i, l in enumerate(probe)}
-    agree_at[n] = np.ones(len(hi), bool)
-    full = sum(layer_macs) + bb.head_macs()
-    cum = np.concatenate([[0], np.cumsum(layer_macs)])
-
-    def coster(dm):
-        return lambda ex: 1 - (cum[ex] + bb.head_macs() + dm).mean() / full
-    curves = {"controller (accept head)": exit_curve(ph[:, P.ACC], agree_at, d, n, coster(ctl.macs()))}
-    e_conf = softmax(lh["earliest"], cal["earliest"]["temperature"]).max(1)
-    curves["controller (earliest head)"] = [
-        _point(np.where(e_conf >= t, np.maximum(e_pred, d), n), agree_at, n, coster(ctl.macs()))
-        for t in np.linspace(0, 1, 41)]
-    for name in scores:
-        curves[name] = exit_curve(scores[name][hi], agree_at, d, n, coster(decision_macs[name]))
-    curves["fixed-layer"] = [_point(np.full(len(hi), l), agree_at, n, coster(0)) for l in probe + [n]]
-    oracle_pt = _point(lab["earliest"][hi], agree_at, n, coster(0))
-    savings = {name: {str(t): best_at(c, t) for t in cfg.agree_targets} for name, c in curves.items()}
-    savings["oracle (ceiling)"] = {str(t): oracle_pt for t in cfg.agree_targets}
-
-    # --- artifacts ---------------------------------------------------------------------------------
-    ctl.save(out / "heads")
-    io.write_json(out / "heads" / "calibration.json", {"temperatures": {t: cal[t]["temperature"] for t in TASKS},
-                                                       "thresholds": th, "abstain_gate": gate, "exits": exits,
-                                                       "read_layers": read, "decision_layer": d})
-    if data["translators"]:
-        with io.atomic_path(out / "translators.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **{f"W{l}": tr_.W for l, tr_ in data["translators"].items()},
-                         **{f"b{l}": tr_.b for l, tr_ in data["translators"].items()})
-    with io.atomic_path(out / "features.npz") as tmp:     # lets gates/benchmarks re-run the saved heads
+def _write_npz(path: Path, compressed: bool = True, **arrays) -> None:
+    with io.atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, features=feats.astype(np.float32), split=split, route=lab["route"],
-                                vitality=lab["vitality"], earliest=lab["earliest_cls"])
-    with io.atomic_path(out / "oracle.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, layers=np.asarray(probe), decision=d, kl=data["kl"], agree=data["agree"],
-                                margin=data["margin"], entropy=data["entropy"],
-                                teacher_margin=data["teacher_margin"], route=lab["route"],
-                                vitality=lab["vitality"], earliest=lab["earliest"], split=split,
-                                prompt=data["prompt"], position=data["position"])
-    pv_h = softmax(lh["vitality"], cal["vitality"]["temperature"])
-    recs = [{"id": data["prompt"][j], "position": int(data["position"][j]), "decision_layer": d,
-             "action": L.ROUTES[int(act_h[i])], "confidence": round(float(conf_h[i]), 4),
-             "abstain": bool(conf_h[i] < gate), "vitality": L.VITALITY[int(pv_h[i].argmax())],
-             "vitality_confidence": round(float(pv_h[i].max()), 4), "earliest_layer": int(e_pred[i]),
-             "label": {"route": L.ROUTES[int(lab["route"][j])], "vitality": L.VITALITY[int(lab["vitality"][j])],
-                       "earliest_layer": int(lab["earliest"][j])}} for i, j in enumerate(hi)]
-    io.write_jsonl(out / "decisions.jsonl", recs)
+            (np.savez_compressed if compressed else np.savez)(f, **arrays)
 
-    per_layer_agree = {int(l): float(data["agree"][i].mean()) for i, l in enumerate(probe)}
-    pl = (run.stage("baseline").get("metrics") or {}).get("per_layer") or {}
-    raw_agree = {int(l): float(a) for l, a in zip(pl.get("layers", []), pl.get("top1_agree", [])) if l in probe}
-    metrics = {
-        "config": cfg.to_dict(), "backbone": src["backbone"], "adapter_dir": src["adapter_dir"],
-        "prompt_source": src["prompt_source"], "prompts_topped_up": topped, "resplit_60_20_20": resplit,
-        "model_fingerprint": bb.fingerprint,
-        "dataset": {"prompts": {s: len({p for p, sp in zip(data["prompt"], split) if sp == s}) for s in SPLITS},
-                    "positions": {s: int(len(ix)) for s, ix in idx.items()},
+
+def _decision_records(probes: Probes, labels: Labels, layers: Layers, calibration: Calibration) -> list[dict]:
+    """One held-out decision-and-confidence record per position."""
+    vitality = calibration.vitality_heldout
+    conf = calibration.confidence
+    return [{"id": probes.prompt[j], "position": int(probes.position[j]), "decision_layer": layers.decision,
+             "action": ROUTES[int(calibration.action[i])], "confidence": round(float(conf[i]), 4),
+             "abstain": bool(conf[i] < calibration.gate), "vitality": VITALITY[int(vitality[i].argmax())],
+             "vitality_confidence": round(float(vitality[i].max()), 4),
+             "earliest_layer": int(calibration.earliest_pred[i]),
+             "label": {"route": ROUTES[int(labels.route[j])], "vitality": VITALITY[int(labels.vitality[j])],
+                       "earliest_layer": int(labels.earliest[j])}}
+            for i, j in enumerate(labels.index["heldout"])]
+
+
+def stage_metrics(run, out, cfg, prompts: Prompts, backbone, layer_macs, probes: Probes, labels: Labels,
+                  layers: Layers, heads: Heads, calibration: Calibration, compared: Baselines, savings: Savings,
+                  timings: dict) -> dict:
+    """The stage's metrics dictionary (the manifest's record and the report's input)."""
+    probe = layers.probe
+    tuned_agree = {int(layer): float(probes.agree[i].mean()) for i, layer in enumerate(probe)}
+    per_layer = (run.stage("baseline").get("metrics") or {}).get("per_layer") or {}
+    raw_agree = {int(layer): float(a) for layer, a in zip(per_layer.get("layers", []), per_layer.get("top1_agree", []))
+                 if layer in probe}
+    index, cal = labels.index, calibration.tasks
+    return {
+        "config": cfg.to_dict(), "backbone": prompts.backbone, "adapter_dir": prompts.adapter_dir,
+        "prompt_source": prompts.prompt_source, "prompts_topped_up": prompts.topped_up,
+        "resplit_60_20_20": prompts.resplit, "model_fingerprint": backbone.fingerprint,
+        "dataset": {"prompts": {s: len({p for p, sp in zip(probes.prompt, probes.split) if sp == s}) for s in SPLITS},
+                    "positions": {s: int(len(ix)) for s, ix in index.items()},
                     "sha256_oracle": io.sha256_file(out / "oracle.npz")},
-        "layers": {"probe": probe, "decision": d, "read": read, "exits": exits,
-                   "tuned_lens_top1_agree": per_layer_agree, "raw_lens_top1_agree_stage0": raw_agree},
-        "labels": {"chosen": sw["chosen"], "why": sw["why"], "grid": sw["grid"],
-                   "stability": sw["chosen_row"]["stability"],
-                   "route_shares": {s: L.class_shares(lab["route"][ix], L.ROUTES) for s, ix in idx.items()},
-                   "vitality_shares": {s: L.class_shares(lab["vitality"][ix], L.VITALITY) for s, ix in idx.items()},
-                   "oracle_mean_earliest_layer": float(lab["earliest"].mean())},
-        "controller": {"route_argmax": cal["route"]["heldout"], "route_policy": policy_m,
+        "layers": {"probe": probe, "decision": layers.decision, "read": layers.read, "exits": layers.exits,
+                   "tuned_lens_top1_agree": tuned_agree, "raw_lens_top1_agree_stage0": raw_agree},
+        "labels": {"chosen": labels.sweep["chosen"], "why": labels.sweep["why"], "grid": labels.sweep["grid"],
+                   "stability": labels.sweep["chosen_row"]["stability"],
+                   "route_shares": {s: class_shares(labels.route[ix], ROUTES) for s, ix in index.items()},
+                   "vitality_shares": {s: class_shares(labels.vitality[ix], VITALITY) for s, ix in index.items()},
+                   "oracle_mean_earliest_layer": float(labels.earliest.mean())},
+        "controller": {"route_argmax": cal["route"]["heldout"], "route_policy": calibration.policy,
                        "vitality": cal["vitality"]["heldout"], "earliest": cal["earliest"]["heldout"],
-                       "earliest_layer_error": earliest_err, "thresholds": th,
-                       "calibration": {t: {k2: v for k2, v in cal[t].items() if k2 != "heldout"} for t in TASKS},
-                       "abstain": abstain, "policy_recall_ci90_by_prompt": recall_ci,
-                       "recall_frontier_heldout": frontier, "information_ceiling": ceiling, "macs_per_decision": ctl.macs(), "layer_macs": int(max(layer_macs)),
-                       "head_macs": bb.head_macs(), "training": info, "variants": compare},
-        "baselines": base, "savings": savings, "curves": curves, "timings": timings,
+                       "earliest_layer_error": calibration.earliest_error, "thresholds": calibration.thresholds,
+                       "calibration": {t: {k: v for k, v in cal[t].items() if k != "heldout"} for t in TASKS},
+                       "abstain": calibration.abstain, "policy_recall_ci90_by_prompt": calibration.recall_ci,
+                       "recall_frontier_heldout": calibration.frontier, "information_ceiling": heads.ceiling,
+                       "macs_per_decision": heads.controller.macs(), "layer_macs": int(max(layer_macs)),
+                       "head_macs": backbone.head_macs(), "training": heads.training, "variants": heads.variants},
+        "baselines": compared.results, "savings": savings.best, "curves": savings.curves, "timings": timings,
     }
-    timings["before_report_s"] = time.perf_counter() - t_start
-    from agp.report.controller import write_report
-    write_report(out, metrics, abstain, cal, ph, yh["route"], sw["rows"])
-    timings["total_s"] = time.perf_counter() - t_start
-    run.manifest.setdefault("datasets", {})["controller/oracle.npz"] = metrics["dataset"]["sha256_oracle"]
-    run.update_stage(NAME, artifacts={"heads_dir": str(out / "heads"), "oracle": str(out / "oracle.npz"),
-                                      "decisions": str(out / "decisions.jsonl")})
-    return _clean(metrics)
-
-
-def information_ceiling(F, Y, data, idx, di, head_args, bar=None) -> dict:
-    """A route head on the hidden states plus the LM-head probe statistics at D (entropy, top-1
-    probability, margin): signals the deployed heads may not pay for (each costs one pass through
-    the vocabulary-wide head). Not deployable; it estimates (trained, so not a strict bound) what
-    reading more of the state at D could buy: a class that stays low here is limited by its label,
-    not by the controller's size."""
-    extra = np.stack([data[k][di] for k in ("entropy", "p1", "margin")], 1)
-    Fc = {s: np.concatenate([F[s], extra[ix]], 1) for s, ix in idx.items()}
-    ha = HeadArgs.from_dict({**head_args.to_dict(), "tasks": ["route"]})
-    ctl, info = train(Fc, Y, {"route": len(L.ROUTES)}, ha, progress=bar)
-    T = fit_temperature(ctl.logits(Fc["valid"])["route"], Y["valid"]["route"])
-    ph = softmax(ctl.logits(Fc["heldout"])["route"], T)
-    return {"features": "read layers + entropy, top-1 probability and margin of the tuned-lens probe at D",
-            "route_argmax": M.per_class(Y["heldout"]["route"], ph.argmax(1), L.ROUTES),
-            "recall_frontier_heldout": P.recall_frontier(ph, Y["heldout"]["route"]),
-            "best_valid_route_macro_f1": info["best_valid_route_macro_f1"]}
-
-
-def data_e(lab, idx):
-    return lab["earliest"][idx["heldout"]]
 
 
 def _clean(o):
