@@ -12,6 +12,7 @@ gate did not pass has its gate run again.
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import time
@@ -173,7 +174,8 @@ def run_gate(run: runs.Run, marker: str) -> dict:
         raise AGPError(f"the gates folder {gates} is missing; install AGP from its checkout (./install.sh)")
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-m", marker, str(gates),
            f"--agp-run={run.path.resolve()}", "--rootdir", str(gates.parent)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # a wide "terminal" keeps pytest from cutting the failure reasons in its short summary
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "4000"})
     lines = [ln.strip() for ln in proc.stdout.strip().splitlines() if ln.strip()]
     summary = lines[-1].strip("= ") if lines else proc.stderr.strip()[-200:]
     outcome = "passed" if proc.returncode == 0 else "failed"
