@@ -99,3 +99,13 @@ def test_stage_choices_are_only_implemented_stages():
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
     stage = next(a for a in sub._actions if a.dest == "stage")
     assert list(stage.choices) == list(stages.implemented())
+
+
+def test_stage_for_another_model_does_not_reuse_the_latest_run(baseline_only, tiny_model_dir, tmp_path, capsys):
+    root = _copy_root(baseline_only[0], tmp_path)
+    old = runs.latest_run(root)
+    other = tiny_model_dir["gemma4_text"]
+    assert main(["run", "--stage", "baseline", "--runs", str(root), "--model", other, *TINY]) == 0
+    assert "was made for model" in capsys.readouterr().out
+    new = runs.latest_run(root)
+    assert new.id != old.id and new.manifest["config"]["model"] == other

@@ -94,6 +94,10 @@ def choose_run(args) -> Plan:
         return Plan(run, _todo(run, args.stage, gated=not args.no_gates), f"adding to run {run.id} at {run.path}")
     latest = None if args.fresh else runs.latest_or_none(args.runs)
     if args.stage:
+        if latest is not None and latest.manifest.get("config", {}).get("model") != args.model:
+            print(f"agp: the latest run {latest.id} was made for model "
+                  f"{latest.manifest.get('config', {}).get('model') or 'embedded'}, not {args.model or 'embedded'}")
+            latest = None
         run = latest or runs.new_run(args.runs, argv=argv, config=config)
         todo = _todo(run, args.stage)
         before = [n for n in todo if n != args.stage]
