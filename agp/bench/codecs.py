@@ -1,11 +1,11 @@
 """Codec distortion / size / speed table on synthetic vectors and real hidden states (`agp bench codecs`)."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from agp.bench.timer import best_of
 from agp.config import ConfigMixin
 from agp.errors import AGPError
 from agp.io import write_json
@@ -45,15 +45,6 @@ def make_codec(name: str, dim: int, seed: int = 0, mu: np.ndarray | None = None)
     raise AGPError(f"unknown codec {name!r} in the bench; use {', '.join(CODECS)}")
 
 
-def _best(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
 def one_packet_bytes(codec: Codec, x1: np.ndarray) -> int:
     """Size of a full AGP-PTP packet (all five sections) carrying one state `x1` [1, d]."""
     from agp.ptp.packet import encode_packet
@@ -70,10 +61,10 @@ def measure(x: np.ndarray, name: str, seed: int = 0, repeats: int = 3) -> dict:
     n, d = x.shape
     codec = make_codec(name, d, seed, mu=x[::2].mean(axis=0))  # -c: mean of half the rows, shared out of band
     codec.encode(x[:2])  # warm caches (codebook, rotation, QJL matrix) outside the timings
-    t_enc, blob = _best(lambda: codec.encode(x), repeats)
-    t_dec, xh = _best(lambda: np.asarray(codec.decode(blob), dtype=np.float32), repeats)
-    t_enc1, blob1 = _best(lambda: codec.encode(x[:1]), max(repeats, 20))
-    t_dec1, _ = _best(lambda: codec.decode(blob1), max(repeats, 20))
+    t_enc, blob = best_of(lambda: codec.encode(x), repeats)
+    t_dec, xh = best_of(lambda: np.asarray(codec.decode(blob), dtype=np.float32), repeats)
+    t_enc1, blob1 = best_of(lambda: codec.encode(x[:1]), max(repeats, 20))
+    t_dec1, _ = best_of(lambda: codec.decode(blob1), max(repeats, 20))
     nx = np.linalg.norm(x, axis=1)
     sq = np.sum((x - xh) ** 2, axis=1)
     rel_mse = float(np.mean(sq / nx**2))

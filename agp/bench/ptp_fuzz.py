@@ -5,14 +5,13 @@ checksums, be accepted only if it is a canonical valid packet (re-encoding the d
 the same bytes). Anything else — an accepted corrupt packet, an exception that is not a PTPError, a
 decode slower than `--max-ms`, or memory that grows with a claimed length — is counted as a failure.
 
-Run: `agp bench ptp-fuzz --n 60000` (or `python -m agp.ptp.fuzz --n 60000`).
+Run: `agp bench ptp-fuzz --n 60000` (or `python -m agp.bench.ptp_fuzz --n 60000`).
 """
 from __future__ import annotations
 
 import argparse
 import struct
 import sys
-import time
 import tracemalloc
 import zlib
 from collections import Counter
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agp.bench.timer import timed
 from agp.ptp.errors import PTPError
 from agp.ptp.packet import CRC_OFFSET, HEADER_SIZE, decode_packet, encode_packet
 from agp.ptp.receiver import Receiver
@@ -216,13 +216,24 @@ MUTATIONS = {
 
 
 def _time_once(recv: Receiver, data: bytes) -> float:
+    """Milliseconds of one receive with a fresh replay window."""
     recv.replay = type(recv.replay)(recv.window, recv.max_sessions)
-    t = time.perf_counter()
+    return timed(_receive, recv, data)[0] * 1e3
+
+
+def _receive(recv: Receiver, data: bytes) -> tuple[str, object]:
+    """("accepted", None), ("rejected", the PTPError) or ("crashed", the other exception)."""
     try:
-        recv.receive(data)
-    except PTPError:
-        pass
-    return (time.perf_counter() - t) * 1e3
+        got = recv.receive(data)
+        # an accepted packet must also decode to a finite state
+        state = recv.state(got)
+        if not np.all(np.isfinite(state)):
+            raise ValueError("accepted packet decodes to a non-finite state")
+        return "accepted", None
+    except PTPError as e:
+        return "rejected", e
+    except Exception as e:  # a crash: the decoder leaked an untyped exception
+        return "crashed", e
 
 
 def _canonical(data: bytes) -> bool:
@@ -252,23 +263,14 @@ def run_fuzz(args: FuzzArgs) -> dict:
         j = int(rng.integers(0, len(pool)))
         data, resealed, expect = MUTATIONS[name](rng, pool[j], pool_spans[j])
         recv.replay = type(recv.replay)(recv.window, recv.max_sessions)  # fresh window: test parsing, not replay
-        t = time.perf_counter()
-        try:
-            got = recv.receive(data)
-            outcome = "accepted"
-            # an accepted packet must also decode to a finite state
-            state = recv.state(got)
-            if not np.all(np.isfinite(state)):
-                raise ValueError("accepted packet decodes to a non-finite state")
-        except PTPError as e:
-            outcome = "rejected"
-            reasons[e.reason] += 1
-            if expect and e.reason != expect and not (expect == "length" and e.reason == "truncated"):
+        seconds, (outcome, error) = timed(_receive, recv, data)
+        dt = seconds * 1e3
+        if outcome == "rejected":
+            reasons[error.reason] += 1
+            if expect and error.reason != expect and not (expect == "length" and error.reason == "truncated"):
                 counts[(name, "other-reason")] += 1
-        except Exception as e:  # a crash: the decoder leaked an untyped exception
-            outcome = "crashed"
-            failures.append(f"{name}: {type(e).__name__}: {e}")
-        dt = (time.perf_counter() - t) * 1e3
+        elif outcome == "crashed":
+            failures.append(f"{name}: {type(error).__name__}: {error}")
         if dt > args.max_ms:  # re-time: on a shared box one slow run can be the scheduler, not the decoder
             dt = min(dt, *(_time_once(recv, data) for _ in range(3)))
             if dt > args.max_ms:
