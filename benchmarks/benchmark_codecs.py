@@ -1,7 +1,7 @@
 """asv: codec payload bytes (track_), encode/decode time (time_) and peak memory (peakmem_) at 640/1536/2048."""
 
-from agp.bench.codecs import make_codec, measure, synthetic
-from agp.quant.codec import decode_any
+from agp.bench.codecs import measure, synthetic
+from agp.quant.registry import decode_any, make_codec
 
 CODECS = ["fp16", "q8_0", "tq2", "tq3", "tq4", "tq8", "tq4-qjl"]
 DIMS = [640, 1536, 2048]

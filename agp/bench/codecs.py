@@ -9,8 +9,9 @@ from agp.bench.timer import best_of
 from agp.config import ConfigMixin
 from agp.errors import AGPError
 from agp.io import write_json
-from agp.quant.codec import FP16, Q8_0, Codec
-from agp.quant.turboquant import TurboQuant, mse_bound
+from agp.quant.codec import Codec, read_header
+from agp.quant.registry import make_codec
+from agp.quant.turboquant import mse_bound
 
 CODECS = ("fp16", "q8_0", "tq8", "tq4", "tq4-dense", "tq4-qjl", "tq4-c", "tq3", "tq3-qjl", "tq2", "tq2-qjl", "tq2-c")
 
@@ -31,20 +32,6 @@ class BenchCodecsArgs(ConfigMixin):
     extra: dict = field(default_factory=dict)
 
 
-def make_codec(name: str, dim: int, seed: int = 0, mu: np.ndarray | None = None) -> Codec:
-    """A codec from a table name: fp16, q8_0, tq<bits>[-dense|-qjl|-c] (-c: centered on `mu`)."""
-    if name == "fp16":
-        return FP16()
-    if name == "q8_0":
-        return Q8_0()
-    if name.startswith("tq"):
-        bits = int(name[2])
-        center = (np.zeros(dim, np.float32) if mu is None else mu) if name.endswith("-c") else None
-        return TurboQuant(dim, bits, seed=seed, qjl=name.endswith("-qjl"),
-                          rotation="dense" if name.endswith("-dense") else "hadamard", center=center)
-    raise AGPError(f"unknown codec {name!r} in the bench; use {', '.join(CODECS)}")
-
-
 def one_packet_bytes(codec: Codec, x1: np.ndarray) -> int:
     """Size of a full AGP-PTP packet (all five sections) carrying one state `x1` [1, d]."""
     from agp.ptp.packet import encode_packet
@@ -59,7 +46,7 @@ def measure(x: np.ndarray, name: str, seed: int = 0, repeats: int = 3) -> dict:
     """Distortion, size and time of one codec on rows x [N, d]."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
-    codec = make_codec(name, d, seed, mu=x[::2].mean(axis=0))  # -c: mean of half the rows, shared out of band
+    codec = make_codec(name, d, seed, center=x[::2].mean(axis=0))  # -c: mean of half the rows, shared out of band
     codec.encode(x[:2])  # warm caches (codebook, rotation, QJL matrix) outside the timings
     t_enc, blob = best_of(lambda: codec.encode(x), repeats)
     t_dec, xh = best_of(lambda: np.asarray(codec.decode(blob), dtype=np.float32), repeats)
@@ -92,7 +79,6 @@ def measure(x: np.ndarray, name: str, seed: int = 0, repeats: int = 3) -> dict:
 
 
 def _hdr(blob: bytes) -> int:
-    from agp.quant.codec import read_header
     return read_header(blob)[3]
 
 

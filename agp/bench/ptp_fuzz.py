@@ -24,11 +24,11 @@ from agp.ptp.errors import PTPError
 from agp.ptp.packet import CRC_OFFSET, HEADER_SIZE, decode_packet, encode_packet
 from agp.ptp.receiver import Receiver
 from agp.ptp.sections import Identity, Packet, Payload, Semantic, Trajectory, Vitality
-from agp.quant.codec import FP16, F32, Q8_0, read_varint
-from agp.quant.turboquant import TurboQuant
+from agp.quant import registry
+from agp.quant.codec import FP16, read_varint
 
 MODEL_FP, TOK_FP, QUANT, HOST = "ab" * 32, "cd" * 32, "q4_k_m", "host-b"
-CENTER = np.random.default_rng(7).standard_normal(64).astype(np.float32) * 30  # the layer mean for "tq4c" packets
+CENTER = np.random.default_rng(7).standard_normal(64).astype(np.float32) * 30  # the layer mean for "tq4-c" packets
 
 
 @dataclass
@@ -47,14 +47,12 @@ def receiver(loopback: bool = False) -> Receiver:
 def sample_packet(rng: np.random.Generator, seq: int = 1, dim: int | None = None, codec: str | None = None,
                   loopback: bool = False) -> Packet:
     """A random valid packet (random codec, sizes and optional sections) accepted by `receiver()`."""
-    codec = codec or str(rng.choice(["f32", "fp16", "q8_0", "tq2", "tq3", "tq4", "tq8", "tq4qjl", "tq4c"]))
-    dim = 64 if codec == "tq4c" else dim or int(rng.choice([32, 64, 100, 256]))
+    codec = codec or str(rng.choice(["f32", "fp16", "q8_0", "tq2", "tq3", "tq4", "tq8", "tq4-qjl", "tq4-c"]))
+    dim = 64 if codec == "tq4-c" else dim or int(rng.choice([32, 64, 100, 256]))
     span = int(rng.integers(1, 4))
     x = (rng.standard_normal((span, dim)) * rng.uniform(0.1, 50)).astype(np.float32)
-    enc = {"f32": F32(), "fp16": FP16(), "q8_0": Q8_0()}.get(codec)
-    if enc is None:
-        enc = TurboQuant(dim, int(codec[2]), seed=int(rng.integers(0, 1000)), qjl=codec.endswith("qjl"),
-                         center=CENTER if codec == "tq4c" else None)
+    seed = int(rng.integers(0, 1000)) if codec.startswith("tq") else 0
+    enc = registry.make_codec(codec, dim, seed, center=CENTER if codec == "tq4-c" else None)
     host = "loopback" if loopback else HOST
     idn = Identity(MODEL_FP, TOK_FP, QUANT, int(rng.integers(0, 2**63)), int(rng.integers(0, 10000)), span,
                    int(rng.integers(0, 18)), seq, "loopback" if loopback else "host-a", host)
@@ -173,7 +171,7 @@ def _codec_offset(b: bytearray, spans) -> int:
 
 def _codec_id(rng, d, spans):
     b = bytearray(d)
-    b[_codec_offset(b, spans)] = int(rng.integers(4, 256))
+    b[_codec_offset(b, spans)] = int(rng.integers(max(registry.BY_ID) + 1, 256))
     return reseal(b, spans), True, "codec"
 
 
