@@ -104,13 +104,10 @@ def real_hidden_states(args: BenchCodecsArgs) -> dict[int, np.ndarray]:
     out: dict[int, list] = {layer: [] for layer in args.layers}
     for rec in tqdm(prompts, desc="hidden states", unit="prompt", leave=False):
         toks = mx.array([bb.encode(rec["text"])[: args.max_tokens]])  # first max_tokens tokens
-        p = bb.start(toks)
-        h, at = p.h0, 0
-        for layer in sorted(args.layers):
-            h = p.run(h, at, layer)
-            at = layer
-            mx.eval(h)
-            out[layer].append(np.array(h[0, 1:].astype(mx.float32)))  # skip BOS: its state is an outlier
+        _, _, _, states = bb.states(toks, args.layers)
+        mx.eval(states)
+        for layer in args.layers:
+            out[layer].append(np.array(states[layer][0, 1:].astype(mx.float32)))  # skip BOS: its state is an outlier
     return {layer: np.concatenate(v) for layer, v in out.items()}
 
 

@@ -1,6 +1,6 @@
 """Retrieval index vs FAISS and turbovec on real vectors (recall@10, bytes, build, latency, throughput).
 
-Data: the real Gemma 3 270M token-embedding table (262144 x 640), rows L2-normalised, `--queries`
+Data: the real Gemma 3 270M token-embedding table (embedded.VOCAB_SIZE x 640), rows L2-normalised, `--queries`
 rows held out at random as queries; or hidden states of the prompt pack (`--data hidden`). Ground
 truth is the exact fp32 inner-product top-k. Every method runs in the same process on the same
 threads, so ratios are fair.

@@ -43,7 +43,7 @@ class AdapterArgs(ConfigMixin):
     blocks: int = 4               # adapters on the last N transformer blocks
     iters: int = 16               # optimizer steps (CI-sized; see docs/adapter.md for a real run)
     batch_size: int = 2
-    max_seq: int = 64             # tokens per sequence (longer rows are cut; bounds the [B, T, 262144] logits)
+    max_seq: int = 64             # tokens per sequence (longer rows are cut; bounds the [B, T, vocab] logits)
     learning_rate: float = 1e-4
     warmup: int = 2
     seed: int = 0
@@ -51,7 +51,7 @@ class AdapterArgs(ConfigMixin):
     eval_rows: int = 6            # held-out SFT rows scored (sorted by id, the first N)
     control_rows: int = 4         # control paragraphs scored
     lens_positions: int = 4       # positions per held-out row read through the logit lens
-    lens_rows: int = 3            # held-out rows that get the lens pass (a 262144-wide head per layer)
+    lens_rows: int = 3            # held-out rows that get the lens pass (a vocabulary-wide head per layer)
     source: str | None = None     # transcripts directory; None = offline default corpus
     source_format: str | None = None
 

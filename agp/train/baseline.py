@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from agp import io
 from agp.backbone import load, macs
-from agp.backbone.lens import lens_stats
+from agp.backbone.lens import lens_stats, probe_positions
 from agp.config import ConfigMixin
 from agp.data.prompt_pack import PromptPackArgs, build_prompt_pack
 
@@ -32,7 +32,7 @@ class BaselineArgs(ConfigMixin):
     exit_agree: float = 0.60      # split rule: top-1 agreement for an exit candidate
     exit_kl: float = 1.0          # split rule: mean KL (nats) for an exit candidate
     onset_agree: float = 0.15     # split rule: agreement at which the answer starts to form
-    lens_positions: int = 24      # positions per prompt probed by the lens (the 262144-wide head is the cost)
+    lens_positions: int = 24      # positions per prompt probed by the lens (the vocabulary-wide head is the cost)
 
 
 def add_arguments(p):
@@ -53,15 +53,6 @@ def split_layer_map(agree: np.ndarray, kl: np.ndarray, layers: list[int], n_laye
     cands = sorted(set(exits + ([onset] if onset is not None else [])))
     return {"exit_layers": exits, "onset_layer": onset, "candidates": cands,
             "rule": {"exit_agree": args.exit_agree, "exit_kl": args.exit_kl, "onset_agree": args.onset_agree}}
-
-
-def probe_positions(n_tokens: int, k: int) -> list[int]:
-    """k evenly spaced positions (always the last), skipping BOS: a fixed, unbiased subsample
-    keeps the per-layer head passes affordable (each costs vocab x hidden MACs per position)."""
-    first = 1 if n_tokens > 1 else 0
-    if n_tokens - first <= k:
-        return list(range(first, n_tokens))
-    return sorted({int(round(x)) for x in np.linspace(first, n_tokens - 1, k)})
 
 
 def parity(bb, ids: list[int], steps: int = 4) -> dict:
