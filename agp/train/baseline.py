@@ -74,64 +74,100 @@ def parity(bb, ids: list[int], steps: int = 4) -> dict:
 
 def run(run, args) -> dict:
     """Measure the backbone and write the stage-0 artifacts."""
-    from agp.report.plots import sufficiency_plot
-
     cfg = BaselineArgs(per_source=getattr(args, "baseline_prompts", BaselineArgs.per_source),
                        decode_tokens=getattr(args, "baseline_decode_tokens", BaselineArgs.decode_tokens))
     out = run.stage_dir(NAME)
-    bb = load(getattr(args, "model", None))
+    backbone = load(getattr(args, "model", None))
     pack = build_prompt_pack(PromptPackArgs(per_source=cfg.per_source, max_chars=cfg.max_chars))
     io.write_jsonl(out / "prompts.jsonl", pack)
-    encoded = [bb.encode(r["text"]) for r in pack]
-
-    layers = list(range(1, bb.n_layers + 1))
-    acc = {k: [] for k in ("kl", "agree", "margin")}
-    for ids in tqdm(encoded, desc="sufficiency (logit lens)", unit="prompt"):
-        logits, hidden = bb.capture(mx.array([ids]), layers)
-        idx = mx.array(probe_positions(len(ids), cfg.lens_positions))
-        s = lens_stats(bb, {l: h[:, idx] for l, h in hidden.items()}, logits[:, idx], layers)
-        for k in acc:
-            acc[k].append(s[k])
-    per_pos = {k: np.concatenate(v, axis=1) for k, v in acc.items()}   # [L, positions]
-    with io.atomic_path(out / "sufficiency.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, layers=np.asarray(layers), **per_pos)
-    kl_mean = per_pos["kl"].mean(1)
-    agree_mean = per_pos["agree"].mean(1)
-    margin_mean = per_pos["margin"].mean(1)
-    smap = split_layer_map(agree_mean, kl_mean, layers, bb.n_layers, cfg)
-
-    lat_prompts = encoded[: cfg.latency_prompts]
-    with tqdm(total=len(lat_prompts), desc="latency", unit="prompt") as bar:
-        lat = __import__("agp.backbone.latency", fromlist=["measure"]).measure(
-            bb, lat_prompts, cfg.decode_tokens, progress=bar)
-    par = parity(bb, encoded[0])
-    cost = macs.summary(bb, context=int(np.mean([len(e) for e in encoded])))
-
-    sufficiency_plot(layers, kl_mean, agree_mean, margin_mean, smap["candidates"], out / "sufficiency.png")
-    from agp import BLAS
-    from agp._blas import measure_gflops
-    gflops = measure_gflops()
-    metrics = {
-        "config": cfg.to_dict(),
-        "model": {"arg": getattr(args, "model", None), "path": str(bb.path), "arch": bb.arch, "fingerprint": bb.fingerprint,
-                  "tokenizer_fingerprint": bb.tokenizer_fingerprint, "n_layers": bb.n_layers,
-                  "hidden_size": bb.hidden_size, "vocab_size": bb.vocab_size},
-        "dataset": {"prompts": len(pack), "positions": int(per_pos["kl"].shape[1]),
-                    "sha256": io.sha256_file(out / "prompts.jsonl"),
-                    "splits": {s: sum(r["split"] == s for r in pack) for s in ("train", "valid", "heldout")}},
-        "latency": lat, "parity": par, "macs_per_token": cost,
-        "blas": {**BLAS, "matmul_gflops": round(gflops, 1)},
-        "per_layer": {"layers": layers, "kl_mean": kl_mean.tolist(), "top1_agree": agree_mean.tolist(),
-                      "margin_mean": margin_mean.tolist(),
-                      "kl_p50": np.median(per_pos["kl"], 1).tolist()},
-        "split_map": smap,
-    }
+    encoded = [backbone.encode(r["text"]) for r in pack]
+    lens = sufficiency(backbone, encoded, cfg)
+    speed = measure_speed(backbone, encoded, cfg)
+    write_artifacts(out, lens)
+    metrics = stage_metrics(args, cfg, backbone, pack, out, lens, speed)
     _report(out, metrics)
     run.manifest.setdefault("fingerprints", {}).update(
-        {"model": bb.fingerprint, "tokenizer": bb.tokenizer_fingerprint})
+        {"model": backbone.fingerprint, "tokenizer": backbone.tokenizer_fingerprint})
     run.manifest.setdefault("datasets", {})["baseline/prompts.jsonl"] = metrics["dataset"]["sha256"]
     return metrics
+
+
+@dataclass
+class Sufficiency:
+    """Logit-lens statistics of every layer against full depth."""
+    layers: list[int]
+    per_position: dict         # kl / agree / margin -> [layers, positions]
+    kl_mean: np.ndarray
+    agree_mean: np.ndarray
+    margin_mean: np.ndarray
+    split_map: dict
+
+
+def sufficiency(backbone, encoded: list[list[int]], cfg: BaselineArgs) -> Sufficiency:
+    layers = list(range(1, backbone.n_layers + 1))
+    acc = {k: [] for k in ("kl", "agree", "margin")}
+    for ids in tqdm(encoded, desc="sufficiency (logit lens)", unit="prompt"):
+        logits, hidden = backbone.capture(mx.array([ids]), layers)
+        idx = mx.array(probe_positions(len(ids), cfg.lens_positions))
+        stats = lens_stats(backbone, {layer: h[:, idx] for layer, h in hidden.items()}, logits[:, idx], layers)
+        for k in acc:
+            acc[k].append(stats[k])
+    per_position = {k: np.concatenate(v, axis=1) for k, v in acc.items()}   # [L, positions]
+    kl_mean, agree_mean = per_position["kl"].mean(1), per_position["agree"].mean(1)
+    return Sufficiency(layers, per_position, kl_mean, agree_mean, per_position["margin"].mean(1),
+                       split_layer_map(agree_mean, kl_mean, layers, backbone.n_layers, cfg))
+
+
+@dataclass
+class Speed:
+    latency: dict
+    parity: dict
+    macs: dict
+    matmul_gflops: float
+
+
+def measure_speed(backbone, encoded: list[list[int]], cfg: BaselineArgs) -> Speed:
+    """Latency and memory, segmented-vs-mlx-lm parity, MACs per token and the BLAS's GFLOP/s."""
+    from agp._blas import measure_gflops
+    from agp.backbone.latency import measure as measure_latency
+
+    latency_prompts = encoded[: cfg.latency_prompts]
+    with tqdm(total=len(latency_prompts), desc="latency", unit="prompt") as bar:
+        latency = measure_latency(backbone, latency_prompts, cfg.decode_tokens, progress=bar)
+    par = parity(backbone, encoded[0])
+    cost = macs.summary(backbone, context=int(np.mean([len(e) for e in encoded])))
+    return Speed(latency, par, cost, measure_gflops())
+
+
+def write_artifacts(out, lens: Sufficiency) -> None:
+    from agp.report.plots import sufficiency_plot
+
+    with io.atomic_path(out / "sufficiency.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, layers=np.asarray(lens.layers), **lens.per_position)
+    sufficiency_plot(lens.layers, lens.kl_mean, lens.agree_mean, lens.margin_mean, lens.split_map["candidates"],
+                     out / "sufficiency.png")
+
+
+def stage_metrics(args, cfg: BaselineArgs, backbone, pack, out, lens: Sufficiency, speed: Speed) -> dict:
+    from agp import BLAS
+
+    return {
+        "config": cfg.to_dict(),
+        "model": {"arg": getattr(args, "model", None), "path": str(backbone.path), "arch": backbone.arch,
+                  "fingerprint": backbone.fingerprint, "tokenizer_fingerprint": backbone.tokenizer_fingerprint,
+                  "n_layers": backbone.n_layers, "hidden_size": backbone.hidden_size,
+                  "vocab_size": backbone.vocab_size},
+        "dataset": {"prompts": len(pack), "positions": int(lens.per_position["kl"].shape[1]),
+                    "sha256": io.sha256_file(out / "prompts.jsonl"),
+                    "splits": {s: sum(r["split"] == s for r in pack) for s in ("train", "valid", "heldout")}},
+        "latency": speed.latency, "parity": speed.parity, "macs_per_token": speed.macs,
+        "blas": {**BLAS, "matmul_gflops": round(speed.matmul_gflops, 1)},
+        "per_layer": {"layers": lens.layers, "kl_mean": lens.kl_mean.tolist(), "top1_agree": lens.agree_mean.tolist(),
+                      "margin_mean": lens.margin_mean.tolist(),
+                      "kl_p50": np.median(lens.per_position["kl"], 1).tolist()},
+        "split_map": lens.split_map,
+    }
 
 
 def _report(out, m) -> None:
