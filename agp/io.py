@@ -67,6 +67,56 @@ def write_jsonl(path, rows) -> None:
     write_text(path, "".join(json.dumps(r, sort_keys=True, default=_jsonable) + "\n" for r in rows))
 
 
+def write_safetensors(path, arrays: dict, metadata: dict | None = None) -> None:
+    """Atomic mx.save_safetensors. MLX appends ".safetensors" to a name without it, so the
+    temporary file carries that suffix and is renamed into place only once fully written."""
+    import mlx.core as mx
+
+    with atomic_path(path) as tmp:
+        named = tmp.with_suffix(".safetensors")
+        try:
+            mx.save_safetensors(str(named), arrays, **({"metadata": metadata} if metadata else {}))
+            os.replace(named, tmp)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(named)
+
+
+def json_lines(path, objects_only: bool = True):
+    """The one JSONL parser: yield (line number, value, None) for each JSON line, or (line number,
+    None, reason) for one that is not utf-8, not JSON or (with objects_only) not an object. Blank
+    lines are skipped. Callers choose the policy: count and go on, or refuse the file."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield lineno, None, f"not utf-8 ({e.reason} at byte {e.start})"
+                continue
+            except json.JSONDecodeError as e:
+                yield lineno, None, f"invalid JSON ({e.msg} at column {e.colno})"
+                continue
+            if objects_only and not isinstance(value, dict):
+                yield lineno, None, f"expected a JSON object, got {type(value).__name__}"
+                continue
+            yield lineno, value, None
+
+
+def read_jsonl(path, fix: str) -> list[dict]:
+    """Every object of a JSONL file that must be whole; the first bad line is an AGPError naming
+    `path:line`, the reason and `fix` (what the user should do)."""
+    from agp.errors import AGPError
+
+    rows = []
+    for lineno, row, why in json_lines(path):
+        if why:
+            raise AGPError(f"{path}:{lineno}: {why}; {fix}")
+        rows.append(row)
+    return rows
+
+
 def _jsonable(o):
     import numpy as np
 

@@ -5,7 +5,8 @@ A stage module `agp/train/<name>.py` defines:
   MARKER: str                    its pytest gate marker ("stage0", ...)
   REQUIRES: list[str]            earlier stages whose artifacts it reads
   HEADLINE: dict[str, str]       label -> dotted path into its metrics, shown at the end of `agp run`
-  add_arguments(parser)          its own `agp run` flags (optional)
+  CONFIG: type                   its @dataclass config: `--<name>-<field>` flags and the `<name>:` section
+                                 of `agp run --config` (agp/config.py); ALIASES keeps older flag names
   run(run: agp.runs.Run, args) -> dict   do the work, write into run.stage_dir(NAME), return metrics
 
 Completeness rule (README "Runs are complete or refused"): a stage counts as finished only when its

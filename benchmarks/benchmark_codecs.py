@@ -1,7 +1,7 @@
 """asv: codec payload bytes (track_), encode/decode time (time_) and peak memory (peakmem_) at 640/1536/2048."""
 
-from agp.quant.bench import make_codec, measure, synthetic
-from agp.quant.codec import decode_any
+from agp.bench.codecs import measure, synthetic
+from agp.quant.registry import decode_any, make_codec
 
 CODECS = ["fp16", "q8_0", "tq2", "tq3", "tq4", "tq8", "tq4-qjl"]
 DIMS = [640, 1536, 2048]
@@ -43,7 +43,7 @@ class Codecs:
     track_bytes_one_vector.unit = "bytes"
 
     def track_packet_bytes_one_vector(self, data, codec, dim):
-        from agp.quant.bench import one_packet_bytes
+        from agp.bench.codecs import one_packet_bytes
         return one_packet_bytes(self.codec, self.x1)
 
     track_packet_bytes_one_vector.unit = "bytes"

@@ -18,7 +18,7 @@ class Index:
         import faiss
 
         from agp.index import IndexArgs, TQIndex
-        from agp.index.bench import table_data
+        from agp.bench.index import table_data
 
         base, queries = table_data(ROWS, QUERIES, 0)
         flat = faiss.IndexFlatIP(base.shape[1])
@@ -51,7 +51,7 @@ class Index:
         TQIndex.open(self.path)
 
     def track_recall_at_10(self, data, bits, rerank):
-        from agp.index.bench import recall
+        from agp.bench.index import recall
 
         return recall(self.index.search(self.q, 10, rerank=rerank)[1], data["gt"])
 

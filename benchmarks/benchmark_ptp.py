@@ -3,9 +3,10 @@ import zlib
 
 import numpy as np
 
-from agp.ptp.fuzz import receiver, sample_packet
+from agp.bench.ptp_fuzz import receiver, sample_packet
 from agp.ptp.packet import decode_packet, encode_packet
-from agp.quant.bench import make_codec, synthetic
+from agp.bench.codecs import synthetic
+from agp.quant.registry import make_codec
 
 CODECS = ["fp16", "q8_0", "tq4", "tq2"]
 DIMS = [640, 1536, 2048]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from agp.index import IndexArgs, TQIndex
-from agp.index.bench import BenchArgs, measure, recall, table_data
+from agp.bench.index import BenchArgs, measure, recall, table_data
 from gates import thresholds as T
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from agp.backbone.tiny import make_tiny_model
+from tests.tiny import make_tiny_model
 
 ARCHS = ["gemma3_text", "gemma4_text"]
 

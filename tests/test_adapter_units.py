@@ -12,11 +12,12 @@ from agp.train import adapter, nll, tuner
 
 
 def test_save_safetensors_is_atomic_and_leaves_no_temp(tmp_path):
+    from agp.io import write_safetensors
     path = tmp_path / "w.safetensors"
-    tuner.save_safetensors(path, {"a": mx.ones((2, 3))})
+    write_safetensors(path, {"a": mx.ones((2, 3))})
     assert mx.load(str(path))["a"].shape == (2, 3)
     with pytest.raises(Exception):
-        tuner.save_safetensors(path, {"a": "not an array"})
+        write_safetensors(path, {"a": "not an array"})
     assert mx.load(str(path))["a"].shape == (2, 3)          # the old file survives a failed write
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
 
@@ -43,6 +44,7 @@ def test_flags_are_validated():
 
 
 def test_probe_positions():
-    assert nll.probe_positions(3, 8) == [1, 2]
-    pos = nll.probe_positions(64, 4)
+    from agp.backbone.lens import probe_positions
+    assert probe_positions(3, 8) == [1, 2]
+    pos = probe_positions(64, 4)
     assert len(pos) == 4 and pos[0] == 1 and pos[-1] == 63

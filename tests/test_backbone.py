@@ -41,7 +41,7 @@ def test_decode_parity_with_split_segments(tiny_model_dir, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_capture_returns_the_states_run_layers_produces(tiny_model_dir, arch):
+def test_capture_returns_the_states_the_segments_produce(tiny_model_dir, arch):
     bb = load(tiny_model_dir[arch])
     tok = mx.array([bb.encode(TEXT)])
     logits, hidden = bb.capture(tok, [0, 2, bb.n_layers])

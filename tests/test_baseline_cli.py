@@ -6,7 +6,8 @@ import json
 import numpy as np
 
 from agp.cli import main
-from agp.train.baseline import BaselineArgs, probe_positions, split_layer_map
+from agp.backbone.lens import probe_positions
+from agp.train.baseline import BaselineArgs, split_layer_map
 
 
 def test_agp_run_stage_baseline_on_tiny_model(tiny_model_dir, tmp_path, capsys):

@@ -1,5 +1,5 @@
 """The fuzz harness in miniature (980 inputs; the full 60 000-input run is `agp bench ptp-fuzz`)."""
-from agp.ptp.fuzz import FuzzArgs, MUTATIONS, format_report, run_fuzz
+from agp.bench.ptp_fuzz import FuzzArgs, MUTATIONS, format_report, run_fuzz
 
 
 def test_fuzz_campaign_accepts_nothing_wrongly():

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from agp.errors import AGPError
 from agp.ptp import errors as E
-from agp.ptp.fuzz import HOST, MODEL_FP, QUANT, TOK_FP, receiver, reseal, sample_packet, section_spans
+from agp.bench.ptp_fuzz import HOST, MODEL_FP, QUANT, TOK_FP, receiver, reseal, sample_packet, section_spans
 from agp.ptp.loopback import LoopbackLink, dump, recv_frame
 from agp.ptp.packet import encode_packet, section_sizes
 from agp.ptp.receiver import ReplayWindow

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from agp.quant.bench import BenchCodecsArgs, format_table, run_bench
+from agp.bench.codecs import BenchCodecsArgs, format_table, run_bench
 from agp.quant.turboquant import mse_bound
 from gates.thresholds import TQ4_REAL_COS_MIN, TQ_CENTERING_GAIN_MIN
 

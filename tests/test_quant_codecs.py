@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from agp.quant.codec import CodecError, FP16, F32, Q8_0, blob_meta, check_blob, decode_any, get_codec, write_header
+from agp.quant.codec import CodecError, FP16, F32, Q8_0, write_header
+from agp.quant.registry import blob_meta, check_blob, decode_any, make_codec
 from agp.quant.turboquant import TurboQuant
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
@@ -69,11 +70,11 @@ def test_fp16_decode_is_zero_copy():
 
 def test_codecs_meta_and_registry():
     for name in ("f32", "fp16", "q8_0"):
-        assert get_codec(name).meta["scheme"] == name
-    tq = get_codec("turboquant", dim=640, bits=3, seed=7)
+        assert make_codec(name).meta["scheme"] == name
+    tq = make_codec("turboquant", dim=640, bits=3, seed=7)
     assert tq.meta == {**tq.meta, "scheme": "turboquant", "version": 1, "bits": 3, "seed": 7, "padded_dim": 640}
     with pytest.raises(Exception, match="unknown codec"):
-        get_codec("zstd")
+        make_codec("zstd")
 
 
 @pytest.mark.parametrize("blob,reason", [

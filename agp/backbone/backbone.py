@@ -20,7 +20,7 @@ class BackboneArgs:
 
 
 class Backbone:
-    """A loaded model with embed / run_layers / head / capture and MAC counts."""
+    """A loaded model with the segmented forward (start / states / head / capture) and MAC counts."""
 
     def __init__(self, model, tokenizer, path: Path, adapter: str | None = None):
         self.model = model
@@ -28,9 +28,7 @@ class Backbone:
         self.path = Path(path)
         self.adapter = adapter
         self.arch = model.model_type
-        if self.arch not in segments.SUPPORTED:
-            raise AGPError(f"model at {path} has architecture '{self.arch}', which AGP does not support yet; "
-                           f"supported: {', '.join(segments.SUPPORTED)}")
+        segments.require_supported(self.arch, f"model at {path}")
         args = model.args
         self.n_layers = len(model.model.layers)
         self.hidden_size = args.hidden_size
@@ -87,18 +85,22 @@ class Backbone:
         """Begin a forward step: embeds tokens and fixes masks; run segments with `.run`."""
         return segments.Pass(self.model, _as_batch(tokens), cache)
 
-    def embed(self, tokens: mx.array) -> mx.array:
-        """Scaled input embeddings [B, T, H]."""
-        return self.start(tokens).h0
-
-    def run_layers(self, h: mx.array, a: int, b: int, cache=None, ctx: segments.Pass | None = None) -> mx.array:
-        """Layers [a, b) on `h`. Pass `ctx` (from `start`) when segments of one step share it;
-        without it, masks are derived from `h` and the cache (Gemma 3 only)."""
-        if ctx is None:
-            if self.arch != "gemma3_text":
-                raise AGPError(f"{self.arch} needs the step context: use bb.start(tokens, cache).run(h, a, b)")
-            ctx = _mask_only_pass(self.model, h, cache)
-        return ctx.run(h, a, b)
+    def states(self, tokens: mx.array, layers, cache=None, what: str = "capture"):
+        """The segmented pass up to the deepest of `layers` and no further: (pass, its last hidden
+        state, the layer that state follows, {l: hidden after the first l layers} for l in `layers`).
+        Continue the same step with `pass.run(h, at, b)`."""
+        want = sorted(set(int(x) for x in layers))
+        if want and (want[0] < 0 or want[-1] > self.n_layers):
+            raise AGPError(f"{what} layers must be within 0..{self.n_layers}, got {want}")
+        p = self.start(tokens, cache)
+        h, at, got = p.h0, 0, {}
+        if 0 in want:
+            got[0] = h
+        for stop in [x for x in want if x > 0]:
+            h = p.run(h, at, stop)
+            at = stop
+            got[stop] = h
+        return p, h, at, got
 
     def head(self, h: mx.array) -> mx.array:
         """Final norm + LM head."""
@@ -111,19 +113,8 @@ class Backbone:
 
     def capture(self, tokens: mx.array, layers, cache=None):
         """One pass; returns (logits, {l: hidden after the first l layers}) for l in `layers`."""
-        want = sorted(set(int(x) for x in layers))
-        if want and (want[0] < 0 or want[-1] > self.n_layers):
-            raise AGPError(f"capture layers must be within 0..{self.n_layers}, got {want}")
-        p = self.start(tokens, cache)
-        h, got, at = p.h0, {}, 0
-        if 0 in want:
-            got[0] = h
-        for stop in [x for x in want if x > 0] + [self.n_layers]:
-            h = p.run(h, at, stop)
-            at = stop
-            if stop in want:
-                got[stop] = h
-        return self.head(h), got
+        p, h, at, got = self.states(tokens, layers, cache)
+        return self.head(p.run(h, at, self.n_layers)), got
 
     # --- cost -----------------------------------------------------------------------------
     def layer_macs(self, context: int = 0) -> list[int]:
@@ -139,20 +130,6 @@ class Backbone:
 def _as_batch(tokens) -> mx.array:
     t = tokens if isinstance(tokens, mx.array) else mx.array(tokens)
     return t[None] if t.ndim == 1 else t
-
-
-def _mask_only_pass(model, h, cache) -> segments.Pass:
-    p = segments.Pass.__new__(segments.Pass)
-    inner = model.model
-    n = len(inner.layers)
-    p.model, p.arch, p.per_layer = model, model.model_type, [None] * n
-    p.cache = list(cache) if cache is not None else [None] * n
-    pat = inner.sliding_window_pattern
-    from mlx_lm.models.base import create_attention_mask
-    # each layer's own cache still holds the offset before this step, so masks match mlx-lm's
-    p.masks = [create_attention_mask(h, p.cache[i], window_size=None if i % pat == pat - 1 else inner.window_size)
-               for i in range(n)]
-    return p
 
 
 def weights_fingerprint(path: Path, adapter: str | None = None) -> str:
@@ -198,10 +175,7 @@ def load(model: str | None = None, adapter: str | None = None) -> Backbone:
         if not (path / "config.json").exists():
             raise AGPError(f"{path} is not an mlx-lm model directory (no config.json); "
                            f"convert it with `mlx_lm.convert` or pass the embedded default")
-        arch = load_config(path).get("model_type")
-        if arch not in segments.SUPPORTED:
-            raise AGPError(f"model at {path} has architecture '{arch}', which AGP does not support yet; "
-                           f"supported: {', '.join(segments.SUPPORTED)}")
+        segments.require_supported(load_config(path).get("model_type"), f"model at {path}")
     if adapter is not None:
         from agp.backbone.adapters import check_base
         check_base(adapter, weights_fingerprint(path), path)

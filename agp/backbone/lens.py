@@ -3,13 +3,22 @@
 For hidden states h_l the lens distribution is softmax(head(h_l)). Against the full-depth
 teacher p = softmax(head(h_L)) we report, per position: KL(p || lens_l), top-1 agreement
 (argmax lens_l == argmax p), and the lens's top-1 minus top-2 probability margin. The
-262144-wide head dominates the cost, so layers go through it in groups (one batched matmul
+vocabulary-wide head (embedded.VOCAB_SIZE rows on the default model) dominates the cost, so layers go through it in groups (one batched matmul
 per group) and the teacher's log-softmax is computed once.
 """
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+
+
+def probe_positions(n_tokens: int, k: int) -> list[int]:
+    """k evenly spaced positions (always the last), skipping BOS: a fixed, unbiased subsample
+    keeps the per-layer head passes affordable (each costs vocab x hidden MACs per position)."""
+    first = 1 if n_tokens > 1 else 0
+    if n_tokens - first <= k:
+        return list(range(first, n_tokens))
+    return sorted({int(round(x)) for x in np.linspace(first, n_tokens - 1, k)})
 
 
 def lens_stats(bb, hidden: dict[int, mx.array], final_logits: mx.array, layers=None,

@@ -15,15 +15,20 @@ from agp.errors import AGPError
 SUPPORTED = ("gemma3_text", "gemma4_text")
 
 
+def require_supported(arch: str | None, where: str = "the model") -> None:
+    """The one architecture check: AGP's segmented forward exists for SUPPORTED only."""
+    if arch not in SUPPORTED:
+        raise AGPError(f"{where} has architecture '{arch}', which AGP does not support yet; "
+                       f"supported: {', '.join(SUPPORTED)}")
+
+
 class Pass:
     """One forward step over `tokens` [B, T] with an optional KV cache."""
 
     def __init__(self, model, tokens: mx.array, cache=None):
         self.model = model
         self.arch = model.model_type
-        if self.arch not in SUPPORTED:
-            raise AGPError(f"architecture '{self.arch}' is not supported for segmented forward; "
-                           f"supported: {', '.join(SUPPORTED)}")
+        require_supported(self.arch)
         inner = model.model
         self.tokens = tokens
         n = len(inner.layers)

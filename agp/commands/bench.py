@@ -1,4 +1,4 @@
-"""`agp bench TARGET`: comparison tables. Each target lives beside the code it measures."""
+"""`agp bench TARGET`: comparison tables. Each target is one module of agp/bench/."""
 from __future__ import annotations
 
 import importlib
@@ -7,10 +7,10 @@ from agp.errors import AGPError
 
 # target -> module exposing `add_arguments(parser)` and `main(args) -> int`
 TARGETS = {
-    "baseline": "agp.backbone.bench",
-    "codecs": "agp.quant.bench",
-    "index": "agp.index.bench",
-    "ptp-fuzz": "agp.ptp.fuzz",
+    "baseline": "agp.bench.baseline",
+    "codecs": "agp.bench.codecs",
+    "index": "agp.bench.index",
+    "ptp-fuzz": "agp.bench.ptp_fuzz",
 }
 
 

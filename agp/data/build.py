@@ -143,13 +143,7 @@ def load_lane(data_dir: str | Path, lane: str, split: str, verify: bool = True) 
     if verify and (not path.exists() or io.sha256_file(path) != meta["sha256"]):
         raise AGPError(f"{path} does not match the sha256 in {data_dir / MANIFEST} (changed or corrupt); "
                        f"rebuild with `agp data build`")
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise AGPError(f"{path}:{lineno}: invalid JSON ({e.msg}); rebuild with `agp data build`") from e
-    return rows
+    return io.read_jsonl(path, "rebuild with `agp data build`")
 
 
 def stats_table(man: dict) -> str:

@@ -78,9 +78,7 @@ class Controller:
         d = Path(d)
         d.mkdir(parents=True, exist_ok=True)
         w = dict(tree_flatten(self.model.parameters()))
-        with io.atomic_path(d / "heads.safetensors") as tmp:
-            mx.save_safetensors(str(tmp.with_suffix(".safetensors")), w)
-            Path(tmp.with_suffix(".safetensors")).replace(tmp)
+        io.write_safetensors(d / "heads.safetensors", w)
         with io.atomic_path(d / "norm.npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, mean=self.mean, std=self.std)

@@ -6,12 +6,12 @@ an AGPError naming the file and the row (1-based line for JSONL, 0-based row for
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from agp.errors import AGPError
+from agp.io import json_lines
 
 KEYS = ("embedding", "vector", "values", "embedding_vector")
 
@@ -28,22 +28,18 @@ def _row_vector(obj, where: str):
 def read_jsonl(path: Path) -> np.ndarray:
     """Rows of a JSONL file -> float32 [N, d] (not normalised)."""
     rows, dim = [], None
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                vec = _row_vector(json.loads(line), where)
-            except json.JSONDecodeError as e:
-                raise AGPError(f"{where}: not valid JSON ({e.msg}); write one JSON array or object per line") from None
-            if not isinstance(vec, list) or not vec or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vec):
-                raise AGPError(f"{where}: the vector must be a non-empty JSON array of numbers")
-            if dim is None:
-                dim = len(vec)
-            elif len(vec) != dim:
-                raise AGPError(f"{where}: ragged row of length {len(vec)}, earlier rows have {dim}; every row needs the same length")
-            rows.append(vec)
+    for lineno, value, why in json_lines(path, objects_only=False):
+        where = f"{path}:{lineno}"
+        if why:
+            raise AGPError(f"{where}: not valid JSON: {why}; write one JSON array or object per line")
+        vec = _row_vector(value, where)
+        if not isinstance(vec, list) or not vec or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vec):
+            raise AGPError(f"{where}: the vector must be a non-empty JSON array of numbers")
+        if dim is None:
+            dim = len(vec)
+        elif len(vec) != dim:
+            raise AGPError(f"{where}: ragged row of length {len(vec)}, earlier rows have {dim}; every row needs the same length")
+        rows.append(vec)
     if not rows:
         raise AGPError(f"{path}: no vectors (empty file); give at least one row")
     return np.asarray(rows, dtype=np.float32)

@@ -51,7 +51,7 @@ class TQIndex:
         self.padded_dim = self.rotation.padded_dim
         self.mean, self.codebook, self.scale, self.codes, self.vectors = mean, codebook, scale, codes, vectors
         self.code_bytes = bitpack.packed_size(self.padded_dim, self.bits)
-        self._bounds = np.ascontiguousarray((codebook[:, 1:] + codebook[:, :-1]) * np.float32(0.5))  # [pd, 2**bits - 1]
+        self._bounds = lloyd_max.boundaries(codebook)  # [pd, 2**bits - 1]
         self._engine = None
         self._snapshot = None
 

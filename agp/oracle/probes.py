@@ -1,6 +1,6 @@
 """Per-layer probe statistics at chosen positions, with optional tuned-lens translators.
 
-The 262144-wide head is the cost (~168 M MACs per position per layer on the 270M, more than all
+The vocabulary-wide head (embedded.VOCAB_SIZE rows) is the cost (~168 M MACs per position per layer on the 270M, more than all
 18 layers together), so: only a fixed subsample of positions is probed, layers go through the
 head in groups as one batched matmul, and top-2 comes from a masked max pass instead of a sort.
 `probe_stats` returns what `agp.backbone.lens.lens_stats` returns (kl, agree, margin; tested to
@@ -18,20 +18,11 @@ from agp.errors import AGPError
 
 def hidden_at(bb, ids: list[int], layers: list[int], positions: list[int]) -> dict[int, np.ndarray]:
     """One forward pass; hidden states after l blocks at `positions`, {l: [P, H] float32}, l in layers
-    (L = n_layers included when asked). Uses the segmented primitive `bb.start(...).run` like
-    `bb.capture`, without paying the full-width head at every position."""
-    want = sorted(set(int(x) for x in layers))
-    if want and (want[0] < 0 or want[-1] > bb.n_layers):
-        raise AGPError(f"probe layers must be within 0..{bb.n_layers}, got {want}")
-    p = bb.start(mx.array([ids]))
+    (L = n_layers included when asked). The segmented pass of `bb.capture`, stopped at the deepest
+    layer asked for and without paying the full-width head at every position."""
     idx = mx.array(positions)
-    h, at, got = p.h0, 0, {}
-    if 0 in want:
-        got[0] = h[0, idx]
-    for stop in [x for x in want if x > 0]:
-        h = p.run(h, at, stop)
-        at = stop
-        got[stop] = h[0, idx]
+    _, _, _, states = bb.states(mx.array([ids]), layers, what="probe")
+    got = {layer: h[0, idx] for layer, h in states.items()}
     mx.eval(got)
     out = {}
     for layer, v in got.items():

@@ -10,10 +10,10 @@ from agp.ptp.errors import (CenterMismatch, CodecVersionMismatch, FingerprintMis
                             MalformedSection, ReplayRejected, UnknownCodec)
 from agp.ptp.packet import decode_packet
 from agp.ptp.sections import Packet, fingerprint8, host_id
-from agp.quant.codec import CODEC_IDS
-from agp.quant.turboquant import VERSION as TQ_VERSION
+from agp.quant import registry
+from agp.quant.turboquant import center_id
 
-DEFAULT_CODECS = {"f32": (1,), "fp16": (1,), "q8_0": (1,), "turboquant": (TQ_VERSION,)}
+DEFAULT_CODECS = {name: (version,) for name, version in registry.versions().items()}
 
 
 class ReplayWindow:
@@ -85,9 +85,8 @@ class Receiver:
     def __post_init__(self):
         self._model, self._tok = fingerprint8(self.model_fp), fingerprint8(self.tokenizer_fp)
         self._host = host_id(self.host)
-        self._codecs = {CODEC_IDS[k]: set(v) for k, v in self.codecs.items()}
+        self._codecs = {registry.BY_NAME[k].codec_id: set(v) for k, v in self.codecs.items()}
         self.replay = ReplayWindow(self.window, self.max_sessions)
-        from agp.quant.turboquant import center_id
         self._center_ids = {int(k): center_id(v) for k, v in (self.centers or {}).items()}
         self._center_dims = {int(k): int(np.shape(v)[-1]) for k, v in (self.centers or {}).items()}
         self.accepted = 0

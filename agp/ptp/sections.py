@@ -12,6 +12,7 @@ import numpy as np
 from agp.errors import AGPError
 from agp.ptp.errors import CodecVersionMismatch, MalformedSection, UnknownCodec
 from agp.quant import codec as qcodec
+from agp.quant import registry
 
 SECTION_NAMES = ("identity", "trajectory", "vitality", "semantic", "payload")
 QUANTIZATIONS = ("f32", "bf16", "f16", "q8_0", "q4_k_m", "mlx-q4", "mlx-q8")
@@ -284,19 +285,19 @@ class Payload:
     def array(self, center=None) -> np.ndarray:
         """The residual as an array (zero-copy view for f32/fp16; TurboQuant reconstructs, adding
         `center` back when the blob is centered — Receiver.state picks the right one)."""
-        return qcodec.decode_any(self.residual, center)
+        return registry.decode_any(self.residual, center)
 
 
 def check_blob(blob, what: str) -> dict:
     """Validate a codec blob completely without decoding it; typed errors for unknown codecs."""
-    if len(blob) >= 1 and blob[0] not in qcodec.CODEC_NAMES:
-        raise UnknownCodec(f"{what} uses unknown codec id {blob[0]} (known: {sorted(qcodec.CODEC_NAMES)})", "payload")
-    if len(blob) >= 2 and blob[1] != qcodec.CODEC_VERSIONS[qcodec.CODEC_NAMES[blob[0]]]:
-        name = qcodec.CODEC_NAMES[blob[0]]
-        raise CodecVersionMismatch(f"{what} codec {name} version {blob[1]}; this build decodes version "
-                                   f"{qcodec.CODEC_VERSIONS[name]}", "payload")
+    if len(blob) >= 1 and blob[0] not in registry.BY_ID:
+        raise UnknownCodec(f"{what} uses unknown codec id {blob[0]} (known: {sorted(registry.BY_ID)})", "payload")
+    if len(blob) >= 2 and blob[1] != registry.BY_ID[blob[0]].version:
+        codec = registry.BY_ID[blob[0]]
+        raise CodecVersionMismatch(f"{what} codec {codec.name} version {blob[1]}; this build decodes version "
+                                   f"{codec.version}", "payload")
     try:
-        return qcodec.check_blob(blob)
+        return registry.check_blob(blob)
     except qcodec.CodecError as e:
         raise MalformedSection(f"{what}: {e}", "payload") from None
 

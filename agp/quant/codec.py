@@ -4,14 +4,15 @@ A codec turns an array [..., dim] into bytes and back: ``encode(array) -> bytes`
 ``decode(bytes) -> array``, ``.meta`` (scheme, version, parameters). The bytes carry their own
 header so a receiver needs nothing else:
 
-    u8  codec id            (CODEC_IDS)
-    u8  codec version
+    u8  codec id            (each codec's `codec_id`; agp/quant/registry.py looks them up)
+    u8  codec version       (each codec's `version`: the byte format its decoder reads)
     u8  ndim (1..4)
     varint * ndim           shape (LEB128, each >= 1, at most MAX_ELEMENTS elements in all)
     ...                     codec parameters and body (see each codec)
 
 Every length the decoder uses is computed from the shape and checked against the bytes actually
 present *before* anything is allocated, so a lying header costs nothing (see docs/codecs.md).
+Each codec's `check(blob)` runs exactly the checks its decoder runs, without building the array.
 """
 from __future__ import annotations
 
@@ -21,9 +22,7 @@ import numpy as np
 
 from agp.errors import AGPError
 
-CODEC_IDS = {"f32": 0, "fp16": 1, "q8_0": 2, "turboquant": 3}
-CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
-CODEC_VERSIONS = {"f32": 1, "fp16": 1, "q8_0": 1, "turboquant": 1}  # the byte format each decoder reads
+HEADER_MIN = 3  # id, version, ndim
 MAX_NDIM = 4
 MAX_ELEMENTS = 1 << 28  # 1 GiB of fp32: nothing legitimate in a packet is bigger
 
@@ -65,15 +64,16 @@ def write_header(codec_id: int, version: int, shape: tuple[int, ...]) -> bytes:
     return bytes((codec_id, version, len(shape))) + b"".join(write_varint(int(s)) for s in shape)
 
 
-def read_header(buf, expect_id: int | None = None) -> tuple[int, int, tuple[int, ...], int]:
-    """Parse (codec id, version, shape, body offset) with every bound checked."""
-    if len(buf) < 3:
-        raise CodecError(f"codec blob of {len(buf)} bytes is shorter than its 3-byte header")
+def require_header_bytes(buf) -> None:
+    if len(buf) < HEADER_MIN:
+        raise CodecError(f"codec blob of {len(buf)} bytes is shorter than its {HEADER_MIN}-byte header")
+
+
+def read_header(buf) -> tuple[int, int, tuple[int, ...], int]:
+    """Parse (codec id, version, shape, body offset) with every bound checked (the id is the
+    registry's to know, the version the codec's: Codec.parse_header checks both)."""
+    require_header_bytes(buf)
     cid, ver, ndim = buf[0], buf[1], buf[2]
-    if cid not in CODEC_NAMES:
-        raise CodecError(f"unknown codec id {cid} at offset 0 (known: {sorted(CODEC_NAMES)})")
-    if expect_id is not None and cid != expect_id:
-        raise CodecError(f"codec id {cid} ({CODEC_NAMES[cid]}) where {CODEC_NAMES[expect_id]} was expected")
     if not 1 <= ndim <= MAX_NDIM:
         raise CodecError(f"codec blob claims {ndim} dimensions at offset 2; allowed 1..{MAX_NDIM}")
     off, shape, total = 3, [], 1
@@ -107,20 +107,41 @@ def expect_len(buf, off: int, need: int, what: str) -> None:
 
 
 class Codec(abc.ABC):
-    """Base: subclasses set `name`, `version` and implement encode/decode."""
+    """Base: subclasses declare `name`, `codec_id` (the blob's first byte) and `version` (the byte
+    format their decoder reads), and implement encode/decode and `check`."""
 
     name = "?"
+    codec_id = -1
     version = 1
 
     @property
     def meta(self) -> dict:
-        return {"scheme": self.name, "version": self.version, "codec_id": CODEC_IDS[self.name]}
+        return {"scheme": self.name, "version": self.version, "codec_id": self.codec_id}
 
-    def _header(self, blob) -> tuple[tuple[int, ...], int]:
-        _, ver, shape, off = read_header(blob, CODEC_IDS[self.name])
-        if ver != self.version:
-            raise CodecError(f"{self.name} codec version {ver} is not supported (this build reads version {self.version})")
+    @classmethod
+    def parse_header(cls, blob) -> tuple[tuple[int, ...], int]:
+        """(shape, body offset) of one of this codec's blobs; another id or version is refused."""
+        cid, ver, shape, off = read_header(blob)
+        if cid != cls.codec_id:
+            raise CodecError(f"codec id {cid} where {cls.name} was expected (id {cls.codec_id})")
+        if ver != cls.version:
+            raise CodecError(f"{cls.name} codec version {ver} is not supported (this build reads version {cls.version})")
         return shape, off
+
+    @classmethod
+    def blob_meta(cls, shape: tuple[int, ...]) -> dict:
+        return {"scheme": cls.name, "codec_id": cls.codec_id, "version": cls.version, "shape": shape}
+
+    @classmethod
+    @abc.abstractmethod
+    def check(cls, blob) -> dict:
+        """Validate a blob completely (header, parameters, exact body length, finite values) without
+        decoding it: blob_meta plus the codec's parameters, or CodecError naming the problem."""
+
+    @classmethod
+    def decode_blob(cls, blob, center=None) -> np.ndarray:
+        """Decode with only what the blob carries (`center`: for codecs that quantize around a mean)."""
+        return cls().decode(blob)
 
     @abc.abstractmethod
     def encode(self, array) -> bytes:
@@ -131,41 +152,54 @@ class Codec(abc.ABC):
         """Blob -> array (rejects malformed blobs with CodecError)."""
 
 
-class F32(Codec):
+class _Raw(Codec):
+    """Values stored as they are in `dtype`; decode is a zero-copy view of the bytes."""
+
+    dtype = "<f4"
+
+    @classmethod
+    def _values(cls, blob) -> tuple[tuple[int, ...], np.ndarray]:
+        shape, off = cls.parse_header(blob)
+        n = int(np.prod(shape))
+        expect_len(blob, off, np.dtype(cls.dtype).itemsize * n, f"{cls.name} blob")
+        values = np.frombuffer(blob, dtype=cls.dtype, count=n, offset=off)
+        _finite(values, f"{cls.name} values")
+        return shape, values
+
+    @classmethod
+    def check(cls, blob) -> dict:
+        return cls.blob_meta(cls._values(blob)[0])
+
+    def decode(self, blob) -> np.ndarray:
+        shape, values = self._values(blob)
+        return values.reshape(shape)
+
+
+class F32(_Raw):
     """Raw little-endian float32: the lossless reference. Decode is a zero-copy view."""
 
     name = "f32"
+    codec_id = 0
+    version = 1
+    dtype = "<f4"
 
     def encode(self, array) -> bytes:
         rows, shape = as_rows(array)
-        return write_header(CODEC_IDS[self.name], self.version, shape) + rows.astype("<f4").tobytes()
-
-    def decode(self, blob) -> np.ndarray:
-        shape, off = self._header(blob)
-        n = int(np.prod(shape))
-        expect_len(blob, off, 4 * n, "f32 blob")
-        out = np.frombuffer(blob, dtype="<f4", count=n, offset=off)
-        _finite(out, "f32 values")
-        return out.reshape(shape)
+        return write_header(self.codec_id, self.version, shape) + rows.astype("<f4").tobytes()
 
 
-class FP16(Codec):
+class FP16(_Raw):
     """IEEE half precision (values beyond ±65504 saturate). Decode is a zero-copy float16 view."""
 
     name = "fp16"
+    codec_id = 1
+    version = 1
+    dtype = "<f2"
 
     def encode(self, array) -> bytes:
         rows, shape = as_rows(array)
         half = np.clip(rows, -65504, 65504).astype("<f2")
-        return write_header(CODEC_IDS[self.name], self.version, shape) + half.tobytes()
-
-    def decode(self, blob) -> np.ndarray:
-        shape, off = self._header(blob)
-        n = int(np.prod(shape))
-        expect_len(blob, off, 2 * n, "fp16 blob")
-        out = np.frombuffer(blob, dtype="<f2", count=n, offset=off)
-        _finite(out, "fp16 values")
-        return out.reshape(shape)
+        return write_header(self.codec_id, self.version, shape) + half.tobytes()
 
 
 Q8_BLOCK = 32
@@ -180,6 +214,8 @@ class Q8_0(Codec):
     """
 
     name = "q8_0"
+    codec_id = 2
+    version = 1
 
     def encode(self, array) -> bytes:
         rows, shape = as_rows(array)
@@ -195,75 +231,30 @@ class Q8_0(Codec):
         blocks = np.empty(n * nb, Q8_DTYPE)
         blocks["d"] = scale.astype(np.float16)
         blocks["qs"] = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int8)  # |x|*inv <= 127 by construction
-        return write_header(CODEC_IDS[self.name], self.version, shape) + blocks.tobytes()
+        return write_header(self.codec_id, self.version, shape) + blocks.tobytes()
+
+    @classmethod
+    def _blocks(cls, blob) -> tuple[tuple[int, ...], np.ndarray]:
+        shape, off = cls.parse_header(blob)
+        count = int(np.prod(shape[:-1])) * -(-shape[-1] // Q8_BLOCK)
+        expect_len(blob, off, count * Q8_DTYPE.itemsize, "q8_0 blob")
+        blocks = np.frombuffer(blob, dtype=Q8_DTYPE, count=count, offset=off)
+        _finite(blocks["d"], "q8_0 block scales")
+        return shape, blocks
+
+    @classmethod
+    def check(cls, blob) -> dict:
+        return cls.blob_meta(cls._blocks(blob)[0])
 
     def decode(self, blob) -> np.ndarray:
-        shape, off = self._header(blob)
+        shape, blocks = self._blocks(blob)
         d = shape[-1]
         n = int(np.prod(shape[:-1]))
-        nb = -(-d // Q8_BLOCK)
-        expect_len(blob, off, n * nb * Q8_DTYPE.itemsize, "q8_0 blob")
-        blocks = np.frombuffer(blob, dtype=Q8_DTYPE, count=n * nb, offset=off)
-        _finite(blocks["d"], "q8_0 block scales")
         x = blocks["qs"].astype(np.float32) * blocks["d"].astype(np.float32)[:, None]
-        return x.reshape(n, nb * Q8_BLOCK)[:, :d].reshape(shape)
-
-
-def get_codec(name: str, **params) -> Codec:
-    """A codec by scheme name: f32, fp16, q8_0, turboquant (params: dim, bits, seed, qjl, rotation)."""
-    if name == "turboquant":
-        from agp.quant.turboquant import TurboQuant
-        return TurboQuant(**params)
-    table = {"f32": F32, "fp16": FP16, "q8_0": Q8_0}
-    if name not in table:
-        raise AGPError(f"unknown codec {name!r}; use one of {', '.join(CODEC_IDS)}")
-    if params:
-        raise AGPError(f"codec {name} takes no parameters, got {sorted(params)}")
-    return table[name]()
-
-
-def decode_any(blob, center=None) -> np.ndarray:
-    """Decode any codec blob by the id in its first byte (TurboQuant parameters come from the blob;
-    a centered TurboQuant blob needs the same `center` mean it was encoded with)."""
-    cid, _, _, _ = read_header(blob)
-    if CODEC_NAMES[cid] == "turboquant":
-        from agp.quant.turboquant import decode_blob
-        return decode_blob(blob, center)
-    return get_codec(CODEC_NAMES[cid]).decode(blob)
-
-
-def check_blob(blob) -> dict:
-    """Validate a codec blob completely (header, parameters, exact body length) without decoding it.
-
-    Returns blob_meta plus the codec's parameters. Raises CodecError naming the problem.
-    """
-    cid, ver, shape, off = read_header(blob)
-    name = CODEC_NAMES[cid]
-    meta = {"scheme": name, "codec_id": cid, "version": ver, "shape": shape}
-    if name == "turboquant":
-        from agp.quant.turboquant import check_blob as tq_check
-        return meta | tq_check(blob)
-    if ver != 1:
-        raise CodecError(f"{name} codec version {ver} is not supported (this build reads version 1)")
-    n = int(np.prod(shape))
-    if name == "q8_0":
-        nblocks = int(np.prod(shape[:-1])) * -(-shape[-1] // Q8_BLOCK)
-        expect_len(blob, off, nblocks * Q8_DTYPE.itemsize, "q8_0 blob")
-        _finite(np.frombuffer(blob, Q8_DTYPE, nblocks, off)["d"], "q8_0 block scales")
-    else:
-        dt = "<f4" if name == "f32" else "<f2"
-        expect_len(blob, off, n * np.dtype(dt).itemsize, f"{name} blob")
-        _finite(np.frombuffer(blob, dt, n, off), f"{name} values")
-    return meta
+        return x.reshape(n, -(-d // Q8_BLOCK) * Q8_BLOCK)[:, :d].reshape(shape)
 
 
 def _finite(a: np.ndarray, what: str) -> None:
     if not np.all(np.isfinite(a)):
         bad = int(np.flatnonzero(~np.isfinite(a))[0])
         raise CodecError(f"{what} hold NaN/Inf (first at element {bad}): a hidden state must be finite")
-
-
-def blob_meta(blob) -> dict:
-    """Scheme, version and shape of a codec blob, without decoding its body."""
-    cid, ver, shape, _ = read_header(blob)
-    return {"scheme": CODEC_NAMES[cid], "codec_id": cid, "version": ver, "shape": shape}

@@ -24,9 +24,10 @@ def _check_bits(bits: int) -> int:
 
 
 def boundaries(codebook: np.ndarray) -> np.ndarray:
-    """Decision boundaries (midpoints between sorted neighbouring levels)."""
+    """Decision boundaries: midpoints between sorted neighbouring levels along the last axis (one
+    codebook [K] -> [K - 1]; per-coordinate codebooks [D, K] -> [D, K - 1])."""
     c = np.asarray(codebook, dtype=np.float32)
-    return (c[1:] + c[:-1]) * np.float32(0.5)
+    return np.ascontiguousarray((c[..., 1:] + c[..., :-1]) * np.float32(0.5))
 
 
 def quantize(x: np.ndarray, codebook: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:

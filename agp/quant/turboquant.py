@@ -36,8 +36,7 @@ import numpy as np
 
 from agp.errors import AGPError
 from agp.quant import bitpack, lloyd_max
-from agp.quant.codec import (CODEC_IDS, Codec, CodecError, as_rows, expect_len, read_header, read_varint,
-                             write_header, write_varint)
+from agp.quant.codec import Codec, CodecError, as_rows, expect_len, read_varint, write_header, write_varint
 from agp.quant.rotation import Rotation
 
 VERSION = 1
@@ -56,6 +55,7 @@ class TurboQuant(Codec):
     """TurboQuant codec for vectors of length `dim` at `bits` bits per coordinate."""
 
     name = "turboquant"
+    codec_id = 3
     version = VERSION
 
     def __init__(self, dim: int, bits: int = 4, seed: int = 0, codebook=None, qjl: bool = False,
@@ -173,7 +173,7 @@ class TurboQuant(Codec):
         if shape[-1] != self.dim:
             raise AGPError(f"TurboQuant(dim={self.dim}) cannot encode an array whose last dimension is {shape[-1]}")
         packed, norms = self.encode_batch(rows)
-        parts = [write_header(CODEC_IDS[self.name], self.version, shape), bytes((self._flags(),)) + write_varint(self.seed)]
+        parts = [write_header(self.codec_id, self.version, shape), bytes((self._flags(),)) + write_varint(self.seed)]
         if self.center is not None:
             parts.append(struct.pack("<H", self.center_id))
         if self.custom_codebook:
@@ -186,11 +186,22 @@ class TurboQuant(Codec):
         """Bytes from `encode` -> float32 array; the blob's parameters must match this codec's."""
         return _decode(blob, self)
 
+    @classmethod
+    def check(cls, blob) -> dict:
+        """Validate a TurboQuant blob fully without decoding; blob_meta plus its parameters."""
+        layout = _layout(blob)
+        return cls.blob_meta(layout["shape"]) | {k: layout[k] for k in ("shape", "dim", "bits", "seed", "qjl",
+                                                                         "rotation", "center_id")} | \
+            {"custom_codebook": layout["codebook"] is not None}
+
+    @classmethod
+    def decode_blob(cls, blob, center=None) -> np.ndarray:
+        """Decode using only the parameters the blob carries (and `center` if it is centered)."""
+        return _decode(blob, None, center)
+
 
 def _parse_params(blob):
-    cid, ver, shape, off = read_header(blob, CODEC_IDS["turboquant"])
-    if ver != VERSION:
-        raise CodecError(f"turboquant codec version {ver} is not supported (this build reads version {VERSION})")
+    shape, off = TurboQuant.parse_header(blob)
     if len(blob) < off + 2:
         raise CodecError(f"truncated turboquant parameters at offset {off}")
     flags = blob[off]
@@ -245,13 +256,6 @@ def _layout(blob) -> dict:
                 norms=norms, packed=packed, center_id=cid)
 
 
-def check_blob(blob) -> dict:
-    """Validate a TurboQuant blob fully without decoding; returns its parameters."""
-    lay = _layout(blob)
-    return {k: lay[k] for k in ("shape", "dim", "bits", "seed", "qjl", "rotation", "center_id")} | \
-        {"custom_codebook": lay["codebook"] is not None}
-
-
 def _decode(blob, tq: TurboQuant | None, center=None) -> np.ndarray:
     lay = _layout(blob)
     dim, bits, seed, qjl, rot, codebook = (lay[k] for k in ("dim", "bits", "seed", "qjl", "rotation", "codebook"))
@@ -285,7 +289,7 @@ def _decode(blob, tq: TurboQuant | None, center=None) -> np.ndarray:
 
 def decode_blob(blob, center=None) -> np.ndarray:
     """Decode a TurboQuant blob using only the parameters it carries (and `center` if it is centered)."""
-    return _decode(blob, None, center)
+    return TurboQuant.decode_blob(blob, center)
 
 
 def mse_bound(bits: int) -> tuple[float, float]:

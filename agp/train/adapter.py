@@ -47,7 +47,7 @@ class AdapterArgs(ConfigMixin):
     blocks: int = 4               # adapters on the last N transformer blocks
     iters: int = 16               # optimizer steps (CI-sized; see docs/adapter.md for a real run)
     batch_size: int = 2           # sequences per step
-    max_seq: int = 64             # tokens per sequence (longer rows are cut; bounds the [B, T, 262144] logits)
+    max_seq: int = 64             # tokens per sequence (longer rows are cut; bounds the [B, T, vocab] logits)
     learning_rate: float = 1e-4   # peak learning rate (cosine schedule)
     warmup: int = 2               # warm-up steps
     seed: int = 0                 # seeds batches and initialisation
@@ -55,7 +55,7 @@ class AdapterArgs(ConfigMixin):
     eval_rows: int = 6            # held-out SFT rows scored (sorted by id, the first N)
     control_rows: int = 4         # control paragraphs scored
     lens_positions: int = 4       # positions per held-out row read through the logit lens
-    lens_rows: int = 3            # held-out rows that get the lens pass (a 262144-wide head per layer)
+    lens_rows: int = 3            # held-out rows that get the lens pass (a vocabulary-wide head per layer)
     source: str | None = None     # transcripts directory; None = offline default corpus
     source_format: str | None = None  # read every source file with this reader instead of detecting it
 
@@ -107,7 +107,8 @@ def run(run, args) -> dict:
     metrics = stage_metrics(cfg, lanes, adapter_dir, meta, base, tuned, training)
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     io.write_json(out / "eval.json", {"base": base, "tuned": tuned})
-    _report(out, metrics)
+    from agp.report.adapter import write_report
+    write_report(out, metrics)
     run.manifest.setdefault("datasets", {}).update(
         {f"adapter/data/{lane}/{s}.jsonl": v["sha256"] for lane, splits in lanes.manifest["lanes"].items()
          for s, v in splits.items()})
@@ -240,41 +241,6 @@ def _training_figures(cfg: AdapterArgs, training: Training) -> dict:
             "mlx_peak_memory_gb": round(training.peak_gb, 3),
             "rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "history": hist}
-
-
-def _report(out, m) -> None:
-    from agp.report.plots import adapter_plots
-
-    ev, tr, a = m["eval"], m["train"], m["adapter"]
-    lens_png = adapter_plots(m, out)
-    rules = "\n".join(f"| {k} | {v['dropped']} | {v['changed']} |" for k, v in m["data"]["rules"].items())
-    lanes = "\n".join(f"| {lane} | " + " | ".join(str(s[x]["rows"]) for x in ("train", "valid", "heldout")) + " |"
-                      for lane, s in m["data"]["lanes"].items())
-    rows = "\n".join(f"| {name} | {e['base_nll']:.3f} | {e['tuned_nll']:.3f} | {e['delta_nll']:+.3f} | "
-                     f"{e['base_ppl']:.1f} → {e['tuned_ppl']:.1f} | {e['tokens']} |" for name, e in ev.items())
-    text = f"""## Stage 1 — domain adapter
-
-{a['kind'].upper()} rank {a['rank']} on blocks {a['blocks']} ({a['trainable_params']:,} trainable parameters), {tr['steps']} steps
-of batch {m['config']['batch_size']} × ≤{m['config']['max_seq']} tokens through mlx-lm's tuner (resumed from step {tr['resumed_from']}).
-Step time (median) {tr['step_seconds_median']:.2f} s, {tr['tokens_per_second_median']:.0f} tok/s; MLX peak memory {tr['mlx_peak_memory_gb']:.2f} GiB,
-RSS peak {tr['rss_peak_mb']:.0f} MB; training loss {tr['loss_first']:.3f} → {tr['loss_last']:.3f}; stage {m['seconds']:.0f} s.
-Data: {m['data']['source']} — {m['data']['read']['records']} records read, {m['data']['read']['malformed']} malformed lines, {m['data']['kept']} kept.
-
-| eval set | base NLL | tuned NLL | Δ | perplexity | tokens |
-|---|---|---|---|---|---|
-{rows}
-
-![loss and per-layer sufficiency before/after](adapter/{lens_png})
-
-| filter rule | dropped | changed |
-|---|---|---|
-{rules}
-
-| lane | train | valid | heldout |
-|---|---|---|---|
-{lanes}
-"""
-    io.write_text(out / "report.md", text)
 
 
 CONFIG = AdapterArgs  # the dataclass `agp run` makes this stage's flags and --config section from

@@ -9,7 +9,6 @@ decisions.jsonl (held-out decision-and-confidence records), report.md + PNGs.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from agp import config, io
+from agp.backbone.lens import probe_positions
 from agp.calibrate.metrics import auroc, bootstrap_recall, ece, nll, per_class
 from agp.calibrate.policy import (ACC, ESC, REV, PolicyArgs, choose_gate, confidence, decide, fit_thresholds,
                                   gate_sweep, recall_frontier)
@@ -51,7 +51,7 @@ class ControllerArgs(ConfigMixin):
     decision_layer: int | None = None  # layer whose state the controller decides at (a probe layer); None: 2n/3
     read_layers: list | None = None   # hidden layers the heads read; None: n/3, n/2, decision
     tuned_lens: bool = True           # per-layer ridge translators before the head
-    probe_batch: int = 64             # positions per head call (amortises reading the 262144-wide table)
+    probe_batch: int = 64             # positions per head call (amortises reading the vocabulary-wide table)
     lens_folds: int = 4               # tuned-lens cross-fitting folds (by prompt)
     # Residual translator ridge: cross-fitted on 768 adapter-backbone positions, top-1 agreement at
     # layers 6/9/12/15/17 was 0.35/0.41/0.57/0.73/0.86 at 0.1 vs 0.28/0.35/0.52/0.70/0.82 at 1.0, and
@@ -79,20 +79,13 @@ def default_layers(n: int) -> tuple[list[int], int]:
 
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_prompts(path: Path) -> list[dict]:
     if not path.exists():
         raise AGPError(f"missing {path}; run the stage that writes it first")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AGPError(f"{path} line {i} is not JSON ({e.msg}); rerun the stage that wrote it") from e
-        if not isinstance(r, dict) or not isinstance(r.get("text"), str) or "id" not in r:
-            raise AGPError(f"{path} line {i} lacks 'id'/'text'; rerun the stage that wrote it")
-        rows.append(r)
+    rows = io.read_jsonl(path, "rerun the stage that wrote it")
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("text"), str) or "id" not in row:
+            raise AGPError(f"{path} row {i + 1} lacks 'id'/'text'; rerun the stage that wrote it")
     return rows
 
 
@@ -165,10 +158,10 @@ def source(run) -> Source:
         lane = run.path / "adapter" / "data" / "routing"
         rows = []
         for split in SPLITS:
-            rows += [dict(r, split=r.get("split", split)) for r in _read_jsonl(lane / f"{split}.jsonl")]
+            rows += [dict(r, split=r.get("split", split)) for r in _read_prompts(lane / f"{split}.jsonl")]
         return Source("adapter", str(adapter_dir), "adapter/data/routing", rows, resplit=False)
     run.require("baseline", NAME)
-    rows = _read_jsonl(run.path / "baseline" / "prompts.jsonl")
+    rows = _read_prompts(run.path / "baseline" / "prompts.jsonl")
     return Source("base", None, "baseline/prompts.jsonl", rows, resplit=True)
 
 
@@ -304,8 +297,6 @@ def collect(backbone, rows, cfg, probe, decision, read, progress=True) -> Probes
 def _hidden_states(backbone, rows, cfg, probe, wanted, progress) -> list[dict]:
     """Per prompt: the probed positions, its lens fold, the hidden states at those positions and (for
     the tuned lens) at every position of the probe layers and the last layer."""
-    from agp.train.baseline import probe_positions
-
     n_layers = backbone.n_layers
     prompts = []
     for row in tqdm(rows, desc="hidden states", unit="prompt", disable=not progress):

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from agp.backbone.lens import lens_stats
+from agp.backbone.lens import lens_stats, probe_positions
 
 
 def encode_rows(bb, rows: list[dict], max_tokens: int) -> list[tuple[list[int], int]]:
@@ -26,13 +26,6 @@ def encode_rows(bb, rows: list[dict], max_tokens: int) -> list[tuple[list[int], 
         if start < len(ids):
             out.append((ids, start))
     return out
-
-
-def probe_positions(n: int, k: int) -> list[int]:
-    """k evenly spaced positions in [1, n), always including the last."""
-    if n - 1 <= k:
-        return list(range(1 if n > 1 else 0, n))
-    return sorted({int(round(x)) for x in np.linspace(1, n - 1, k)})
 
 
 def evaluate(bb, seqs: list[tuple[list[int], int]], lens_positions: int = 0, desc: str = "eval",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -43,20 +42,6 @@ def trainable_count(model) -> int:
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
 
-def save_safetensors(path: Path, arrays: dict) -> None:
-    """Atomic mx.save_safetensors (mlx appends the suffix itself, so the temp name keeps it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
-    try:
-        mx.save_safetensors(str(tmp), arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 class Checkpoints:
     """<dir>/state.json names the latest complete checkpoint; it is written last."""
 
@@ -67,8 +52,8 @@ class Checkpoints:
     def save(self, step: int, model, optimizer, extra: dict) -> None:
         mx.eval(model.trainable_parameters(), optimizer.state)
         w, o = self.root / f"adapters.{step:07d}.safetensors", self.root / f"optimizer.{step:07d}.safetensors"
-        save_safetensors(w, dict(tree_flatten(model.trainable_parameters())))
-        save_safetensors(o, dict(tree_flatten(optimizer.state)))
+        io.write_safetensors(w, dict(tree_flatten(model.trainable_parameters())))
+        io.write_safetensors(o, dict(tree_flatten(optimizer.state)))
         io.write_json(self.root / "state.json", {"step": step, "adapters": w.name, "optimizer": o.name,
                                                  "fingerprint": self.fingerprint, **extra})
         for old in self.root.glob("*.safetensors"):
@@ -214,5 +199,5 @@ def fit(model, train_set: list, *, iters: int, batch_size: int, max_seq: int, le
 def save_adapter(dest: Path, model, config: dict, meta: dict) -> None:
     """Write the adapter directory (mlx-lm layout + AGP metadata) beside `dest`, then rename it in."""
     with io.atomic_dir(dest) as tmp:
-        save_safetensors(tmp / WEIGHTS, dict(tree_flatten(model.trainable_parameters())))
+        io.write_safetensors(tmp / WEIGHTS, dict(tree_flatten(model.trainable_parameters())))
         io.write_json(tmp / CONFIG, {**config, "agp": {**meta, "weights_sha256": io.sha256_file(tmp / WEIGHTS)}})

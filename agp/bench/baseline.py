@@ -5,11 +5,11 @@ across machines; absolute times depend on the BLAS in use (printed).
 """
 from __future__ import annotations
 
-import time
-
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
+
+from agp.bench.timer import samples, timed
 
 
 def add_arguments(p):
@@ -19,28 +19,21 @@ def add_arguments(p):
     p.add_argument("--reps", type=int, default=5, help="repetitions per prefill row (default 5)")
 
 
-def _time(fn, reps: int) -> np.ndarray:
-    fn()  # warm-up (graph build, allocation)
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return np.asarray(out)
-
-
 def _decode_times(bb, ids, steps: int, segmented: bool) -> np.ndarray:
     cache = bb.make_cache()
-    logits = bb.model(mx.array([ids]), cache=cache)
-    nxt = mx.argmax(logits[0, -1]).reshape(1, 1)
-    out = []
+
+    def step(token):
+        logits = bb.forward(token, cache) if segmented else bb.model(token, cache=cache)
+        token = mx.argmax(logits[0, -1]).reshape(1, 1)
+        mx.eval(token)
+        return token
+
+    token = mx.argmax(bb.model(mx.array([ids]), cache=cache)[0, -1]).reshape(1, 1)
+    seconds = []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        logits = bb.forward(nxt, cache) if segmented else bb.model(nxt, cache=cache)
-        nxt = mx.argmax(logits[0, -1]).reshape(1, 1)
-        mx.eval(nxt)
-        out.append(time.perf_counter() - t0)
-    return np.asarray(out)
+        dt, token = timed(step, token)
+        seconds.append(dt)
+    return np.asarray(seconds)
 
 
 def measure(bb, tokens: int = 128, decode: int = 32, reps: int = 5) -> list[dict]:
@@ -56,7 +49,7 @@ def measure(bb, tokens: int = 128, decode: int = 32, reps: int = 5) -> list[dict
             ("prefill segmented", lambda: mx.eval(bb.forward(tok)), len(ids)),
             ("prefill capture all layers", lambda: mx.eval(bb.capture(tok, every)), len(ids))]
     for name, fn, n in tqdm(jobs, desc="prefill", unit="row"):
-        t = _time(fn, reps)
+        t = samples(fn, reps, warmup=1)  # warm-up: graph build, allocation
         rows.append({"name": name, "p50_s": float(np.median(t)), "p95_s": float(np.percentile(t, 95)),
                      "tok_per_s": n / float(np.median(t))})
     for name, seg in tqdm([("decode mlx-lm", False), ("decode segmented", True)], desc="decode", unit="row"):

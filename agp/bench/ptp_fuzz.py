@@ -5,14 +5,13 @@ checksums, be accepted only if it is a canonical valid packet (re-encoding the d
 the same bytes). Anything else — an accepted corrupt packet, an exception that is not a PTPError, a
 decode slower than `--max-ms`, or memory that grows with a claimed length — is counted as a failure.
 
-Run: `agp bench ptp-fuzz --n 60000` (or `python -m agp.ptp.fuzz --n 60000`).
+Run: `agp bench ptp-fuzz --n 60000` (or `python -m agp.bench.ptp_fuzz --n 60000`).
 """
 from __future__ import annotations
 
 import argparse
 import struct
 import sys
-import time
 import tracemalloc
 import zlib
 from collections import Counter
@@ -20,15 +19,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agp.bench.timer import timed
 from agp.ptp.errors import PTPError
 from agp.ptp.packet import CRC_OFFSET, HEADER_SIZE, decode_packet, encode_packet
 from agp.ptp.receiver import Receiver
 from agp.ptp.sections import Identity, Packet, Payload, Semantic, Trajectory, Vitality
-from agp.quant.codec import FP16, F32, Q8_0, read_varint
-from agp.quant.turboquant import TurboQuant
+from agp.quant import registry
+from agp.quant.codec import FP16, read_varint
 
 MODEL_FP, TOK_FP, QUANT, HOST = "ab" * 32, "cd" * 32, "q4_k_m", "host-b"
-CENTER = np.random.default_rng(7).standard_normal(64).astype(np.float32) * 30  # the layer mean for "tq4c" packets
+CENTER = np.random.default_rng(7).standard_normal(64).astype(np.float32) * 30  # the layer mean for "tq4-c" packets
 
 
 @dataclass
@@ -47,14 +47,12 @@ def receiver(loopback: bool = False) -> Receiver:
 def sample_packet(rng: np.random.Generator, seq: int = 1, dim: int | None = None, codec: str | None = None,
                   loopback: bool = False) -> Packet:
     """A random valid packet (random codec, sizes and optional sections) accepted by `receiver()`."""
-    codec = codec or str(rng.choice(["f32", "fp16", "q8_0", "tq2", "tq3", "tq4", "tq8", "tq4qjl", "tq4c"]))
-    dim = 64 if codec == "tq4c" else dim or int(rng.choice([32, 64, 100, 256]))
+    codec = codec or str(rng.choice(["f32", "fp16", "q8_0", "tq2", "tq3", "tq4", "tq8", "tq4-qjl", "tq4-c"]))
+    dim = 64 if codec == "tq4-c" else dim or int(rng.choice([32, 64, 100, 256]))
     span = int(rng.integers(1, 4))
     x = (rng.standard_normal((span, dim)) * rng.uniform(0.1, 50)).astype(np.float32)
-    enc = {"f32": F32(), "fp16": FP16(), "q8_0": Q8_0()}.get(codec)
-    if enc is None:
-        enc = TurboQuant(dim, int(codec[2]), seed=int(rng.integers(0, 1000)), qjl=codec.endswith("qjl"),
-                         center=CENTER if codec == "tq4c" else None)
+    seed = int(rng.integers(0, 1000)) if codec.startswith("tq") else 0
+    enc = registry.make_codec(codec, dim, seed, center=CENTER if codec == "tq4-c" else None)
     host = "loopback" if loopback else HOST
     idn = Identity(MODEL_FP, TOK_FP, QUANT, int(rng.integers(0, 2**63)), int(rng.integers(0, 10000)), span,
                    int(rng.integers(0, 18)), seq, "loopback" if loopback else "host-a", host)
@@ -173,7 +171,7 @@ def _codec_offset(b: bytearray, spans) -> int:
 
 def _codec_id(rng, d, spans):
     b = bytearray(d)
-    b[_codec_offset(b, spans)] = int(rng.integers(4, 256))
+    b[_codec_offset(b, spans)] = int(rng.integers(max(registry.BY_ID) + 1, 256))
     return reseal(b, spans), True, "codec"
 
 
@@ -216,13 +214,24 @@ MUTATIONS = {
 
 
 def _time_once(recv: Receiver, data: bytes) -> float:
+    """Milliseconds of one receive with a fresh replay window."""
     recv.replay = type(recv.replay)(recv.window, recv.max_sessions)
-    t = time.perf_counter()
+    return timed(_receive, recv, data)[0] * 1e3
+
+
+def _receive(recv: Receiver, data: bytes) -> tuple[str, object]:
+    """("accepted", None), ("rejected", the PTPError) or ("crashed", the other exception)."""
     try:
-        recv.receive(data)
-    except PTPError:
-        pass
-    return (time.perf_counter() - t) * 1e3
+        got = recv.receive(data)
+        # an accepted packet must also decode to a finite state
+        state = recv.state(got)
+        if not np.all(np.isfinite(state)):
+            raise ValueError("accepted packet decodes to a non-finite state")
+        return "accepted", None
+    except PTPError as e:
+        return "rejected", e
+    except Exception as e:  # a crash: the decoder leaked an untyped exception
+        return "crashed", e
 
 
 def _canonical(data: bytes) -> bool:
@@ -252,23 +261,14 @@ def run_fuzz(args: FuzzArgs) -> dict:
         j = int(rng.integers(0, len(pool)))
         data, resealed, expect = MUTATIONS[name](rng, pool[j], pool_spans[j])
         recv.replay = type(recv.replay)(recv.window, recv.max_sessions)  # fresh window: test parsing, not replay
-        t = time.perf_counter()
-        try:
-            got = recv.receive(data)
-            outcome = "accepted"
-            # an accepted packet must also decode to a finite state
-            state = recv.state(got)
-            if not np.all(np.isfinite(state)):
-                raise ValueError("accepted packet decodes to a non-finite state")
-        except PTPError as e:
-            outcome = "rejected"
-            reasons[e.reason] += 1
-            if expect and e.reason != expect and not (expect == "length" and e.reason == "truncated"):
+        seconds, (outcome, error) = timed(_receive, recv, data)
+        dt = seconds * 1e3
+        if outcome == "rejected":
+            reasons[error.reason] += 1
+            if expect and error.reason != expect and not (expect == "length" and error.reason == "truncated"):
                 counts[(name, "other-reason")] += 1
-        except Exception as e:  # a crash: the decoder leaked an untyped exception
-            outcome = "crashed"
-            failures.append(f"{name}: {type(e).__name__}: {e}")
-        dt = (time.perf_counter() - t) * 1e3
+        elif outcome == "crashed":
+            failures.append(f"{name}: {type(error).__name__}: {error}")
         if dt > args.max_ms:  # re-time: on a shared box one slow run can be the scheduler, not the decoder
             dt = min(dt, *(_time_once(recv, data) for _ in range(3)))
             if dt > args.max_ms:

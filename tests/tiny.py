@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 from agp import io
 
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "models"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
 

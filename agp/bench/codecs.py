@@ -1,16 +1,17 @@
 """Codec distortion / size / speed table on synthetic vectors and real hidden states (`agp bench codecs`)."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from agp.bench.timer import best_of
 from agp.config import ConfigMixin
 from agp.errors import AGPError
 from agp.io import write_json
-from agp.quant.codec import FP16, Q8_0, Codec
-from agp.quant.turboquant import TurboQuant, mse_bound
+from agp.quant.codec import Codec, read_header
+from agp.quant.registry import make_codec
+from agp.quant.turboquant import mse_bound
 
 CODECS = ("fp16", "q8_0", "tq8", "tq4", "tq4-dense", "tq4-qjl", "tq4-c", "tq3", "tq3-qjl", "tq2", "tq2-qjl", "tq2-c")
 
@@ -31,29 +32,6 @@ class BenchCodecsArgs(ConfigMixin):
     extra: dict = field(default_factory=dict)
 
 
-def make_codec(name: str, dim: int, seed: int = 0, mu: np.ndarray | None = None) -> Codec:
-    """A codec from a table name: fp16, q8_0, tq<bits>[-dense|-qjl|-c] (-c: centered on `mu`)."""
-    if name == "fp16":
-        return FP16()
-    if name == "q8_0":
-        return Q8_0()
-    if name.startswith("tq"):
-        bits = int(name[2])
-        center = (np.zeros(dim, np.float32) if mu is None else mu) if name.endswith("-c") else None
-        return TurboQuant(dim, bits, seed=seed, qjl=name.endswith("-qjl"),
-                          rotation="dense" if name.endswith("-dense") else "hadamard", center=center)
-    raise AGPError(f"unknown codec {name!r} in the bench; use {', '.join(CODECS)}")
-
-
-def _best(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
 def one_packet_bytes(codec: Codec, x1: np.ndarray) -> int:
     """Size of a full AGP-PTP packet (all five sections) carrying one state `x1` [1, d]."""
     from agp.ptp.packet import encode_packet
@@ -68,12 +46,12 @@ def measure(x: np.ndarray, name: str, seed: int = 0, repeats: int = 3) -> dict:
     """Distortion, size and time of one codec on rows x [N, d]."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
-    codec = make_codec(name, d, seed, mu=x[::2].mean(axis=0))  # -c: mean of half the rows, shared out of band
+    codec = make_codec(name, d, seed, center=x[::2].mean(axis=0))  # -c: mean of half the rows, shared out of band
     codec.encode(x[:2])  # warm caches (codebook, rotation, QJL matrix) outside the timings
-    t_enc, blob = _best(lambda: codec.encode(x), repeats)
-    t_dec, xh = _best(lambda: np.asarray(codec.decode(blob), dtype=np.float32), repeats)
-    t_enc1, blob1 = _best(lambda: codec.encode(x[:1]), max(repeats, 20))
-    t_dec1, _ = _best(lambda: codec.decode(blob1), max(repeats, 20))
+    t_enc, blob = best_of(lambda: codec.encode(x), repeats)
+    t_dec, xh = best_of(lambda: np.asarray(codec.decode(blob), dtype=np.float32), repeats)
+    t_enc1, blob1 = best_of(lambda: codec.encode(x[:1]), max(repeats, 20))
+    t_dec1, _ = best_of(lambda: codec.decode(blob1), max(repeats, 20))
     nx = np.linalg.norm(x, axis=1)
     sq = np.sum((x - xh) ** 2, axis=1)
     rel_mse = float(np.mean(sq / nx**2))
@@ -101,7 +79,6 @@ def measure(x: np.ndarray, name: str, seed: int = 0, repeats: int = 3) -> dict:
 
 
 def _hdr(blob: bytes) -> int:
-    from agp.quant.codec import read_header
     return read_header(blob)[3]
 
 
@@ -127,13 +104,10 @@ def real_hidden_states(args: BenchCodecsArgs) -> dict[int, np.ndarray]:
     out: dict[int, list] = {layer: [] for layer in args.layers}
     for rec in tqdm(prompts, desc="hidden states", unit="prompt", leave=False):
         toks = mx.array([bb.encode(rec["text"])[: args.max_tokens]])  # first max_tokens tokens
-        p = bb.start(toks)
-        h, at = p.h0, 0
-        for layer in sorted(args.layers):
-            h = p.run(h, at, layer)
-            at = layer
-            mx.eval(h)
-            out[layer].append(np.array(h[0, 1:].astype(mx.float32)))  # skip BOS: its state is an outlier
+        _, _, _, states = bb.states(toks, args.layers)
+        mx.eval(states)
+        for layer in args.layers:
+            out[layer].append(np.array(states[layer][0, 1:].astype(mx.float32)))  # skip BOS: its state is an outlier
     return {layer: np.concatenate(v) for layer, v in out.items()}
 
 

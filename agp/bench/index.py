@@ -1,19 +1,19 @@
 """Retrieval index vs FAISS and turbovec on real vectors (recall@10, bytes, build, latency, throughput).
 
-Data: the real Gemma 3 270M token-embedding table (262144 x 640), rows L2-normalised, `--queries`
+Data: the real Gemma 3 270M token-embedding table (embedded.VOCAB_SIZE x 640), rows L2-normalised, `--queries`
 rows held out at random as queries; or hidden states of the prompt pack (`--data hidden`). Ground
 truth is the exact fp32 inner-product top-k. Every method runs in the same process on the same
 threads, so ratios are fair.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 from tqdm import tqdm
 
+from agp.bench.timer import timed
 from agp.config import ConfigMixin
 from agp.errors import AGPError
 
@@ -162,19 +162,10 @@ def recall(ids: np.ndarray, gt: np.ndarray, k: int = K) -> float:
 def measure(name, base, queries, gt, args: BenchArgs) -> dict:
     """Build one method, then time batch search and `args.single` one-query searches."""
     bits, builder = METHODS[name]
-    t = time.perf_counter()
-    search, bpv = builder(base, args.seed)
-    build_s = time.perf_counter() - t
+    build_s, (search, bpv) = timed(builder, base, args.seed)
     search(queries[:1], K)  # warm caches
-    t = time.perf_counter()
-    ids = search(queries, K)
-    batch_s = time.perf_counter() - t
-    lat = []
-    for i in range(min(args.single, len(queries))):
-        t = time.perf_counter()
-        search(queries[i:i + 1], K)
-        lat.append(time.perf_counter() - t)
-    lat = np.array(lat) * 1e3
+    batch_s, ids = timed(search, queries, K)
+    lat = np.array([timed(search, queries[i:i + 1], K)[0] for i in range(min(args.single, len(queries)))]) * 1e3
     return {"method": name, "bits": bits, "bytes_per_vector": round(float(bpv), 1), "recall@10": round(recall(ids, gt), 4),
             "build_s": round(build_s, 2), "single_mean_ms": round(float(lat.mean()), 3),
             "single_p95_ms": round(float(np.percentile(lat, 95)), 3), "batch_qps": round(len(queries) / batch_s, 1)}
