@@ -58,6 +58,24 @@ def write(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     header = {**meta, "block_bytes": BLOCK_BYTES, "sections": specs}
     hb = json.dumps(header, sort_keys=True).encode()
     start = -(-(PREFIX.size + len(hb)) // ALIGN) * ALIGN
+    if path.is_dir():
+        raise AGPError(f"{path} is a directory; give a file path for the snapshot (e.g. {path / 'index.tqidx'})")
+    try:
+        _write_file(path, hb, specs, blobs, start, offset)
+    except OSError as e:
+        raise AGPError(f"{path}: cannot write the snapshot ({e.strerror or e}); choose a writable file path") from None
+
+
+def is_snapshot(path) -> bool:
+    """True if `path` is a file that starts with the .tqidx magic (something `agp index` wrote)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def _write_file(path: Path, hb: bytes, specs: dict, blobs: list, start: int, offset: int) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(PREFIX.pack(MAGIC, VERSION, len(hb), zlib.crc32(hb)))

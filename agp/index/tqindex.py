@@ -16,8 +16,10 @@ stored fp16/fp32 vectors.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -222,6 +224,30 @@ class TQIndex:
         return {"vectors": len(self), "dim": self.dim, "padded_dim": self.padded_dim, "bits": self.bits,
                 "seed": self.seed, "store": self.store, "bytes_per_vector": self.bytes_per_vector,
                 "compression_vs_fp32": round(4 * self.dim / self.bytes_per_vector, 2)}
+
+
+def check_output(out, inputs=(), force: bool = False) -> Path:
+    """The snapshot path to write, refused when writing it would destroy a file AGP did not write:
+    an input of the same command, a directory, or (without `force`) an existing non-.tqidx file."""
+    if not str(out).strip():
+        raise AGPError("the snapshot path is empty; name the .tqidx file to write")
+    path = Path(out)
+    for src in inputs:
+        if isinstance(src, (str, Path)) and _same_file(path, Path(src)):
+            raise AGPError(f"{out} is also the input {src}; writing the snapshot would overwrite it, "
+                           f"choose another output path (e.g. {path.with_suffix('.tqidx')})")
+    if path.is_dir():
+        raise AGPError(f"{out} is a directory; give a file path for the snapshot (e.g. {path / 'index.tqidx'})")
+    if path.exists() and not force and not snapshot.is_snapshot(path):
+        raise AGPError(f"{out} exists and is not a .tqidx snapshot; choose another path, or pass --force to replace it")
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _store_dtype(store: str):
