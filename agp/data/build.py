@@ -280,6 +280,9 @@ def stats_table(man: dict) -> str:
     for name in man["rule_order"]:
         c = man["rules"][name]
         lines.append(f"{name:<20}{c['dropped']:>9}{c['changed']:>9}")
+    fields = man["rules"].get("redact_secrets", {}).get("fields")
+    if isinstance(fields, dict) and fields:
+        lines.append("redacted per field: " + ", ".join(f"{k} {v}" for k, v in fields.items()))
     lines += ["", f"{'lane':<10}" + "".join(f"{s:>9}" for s in SPLITS) + f"{'total':>9}  sha256 (train)"]
     for lane, splits in man["lanes"].items():
         n = [splits[s]["rows"] for s in SPLITS]
