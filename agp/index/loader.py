@@ -69,12 +69,26 @@ def check_rows(x, source: str, dim: int | None = None, first_row: int = 0) -> np
     if bad.any():
         r = int(np.argmax(bad))
         raise AGPError(f"{source}: row {first_row + r} contains NaN or inf; clean or drop that row")
-    norms = np.linalg.norm(x, axis=1)
-    zero = norms == 0
-    if zero.any():
-        r = int(np.argmax(zero))
-        raise AGPError(f"{source}: row {first_row + r} is all zeros and has no direction; drop that row")
+    with np.errstate(over="ignore", under="ignore"):   # handled just below
+        norms = np.linalg.norm(x, axis=1)
+    off_scale = ~np.isfinite(norms) | (norms < np.finfo(np.float32).tiny)
+    if off_scale.any():
+        x = _rescale_rows(x, off_scale, source, first_row)
+        norms = np.linalg.norm(x, axis=1)
     return x / norms[:, None]
+
+
+def _rescale_rows(x: np.ndarray, rows: np.ndarray, source: str, first_row: int) -> np.ndarray:
+    """Rows whose float32 norm overflows (|x| ~ 1e20 and up) or underflows are divided by their
+    largest |value| first: the direction is what the index keeps, and without this a huge row
+    normalises to all zeros (every search then answers row 0 with score 0)."""
+    peak = np.abs(x[rows]).max(axis=1)
+    if (peak == 0).any():
+        r = int(np.flatnonzero(rows)[int(np.argmax(peak == 0))])
+        raise AGPError(f"{source}: row {first_row + r} is all zeros and has no direction; drop that row")
+    x = np.array(x, dtype=np.float32)   # a private copy: the source may be a read-only memory map
+    x[rows] /= peak[:, None]
+    return x
 
 
 def load_vectors(src, dim: int | None = None) -> np.ndarray:

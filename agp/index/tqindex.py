@@ -66,6 +66,8 @@ class TQIndex:
             raise AGPError(f"index bits must be one of {BITS}, got {args.bits}")
         if args.store not in STORES:
             raise AGPError(f"index store must be one of {STORES}, got {args.store!r}")
+        if not 0 <= args.seed < 2**32:
+            raise AGPError(f"index seed must be in 0..2**32-1 (it is stored as u32), got {args.seed}")
         x = loader.load_vectors(src)
         n, dim = x.shape
         rot = Rotation(dim, args.seed)
@@ -154,8 +156,7 @@ class TQIndex:
         vectors (needs store fp16/fp32).
         """
         q = loader.check_rows(queries, "query", self.dim)
-        if k < 1:
-            raise AGPError(f"k must be >= 1, got {k}")
+        _check_search_sizes(k, rerank, rescore)
         if rerank and self.vectors is None:
             raise AGPError("rerank needs stored vectors; build the index with --store fp16 or fp32")
         n = len(self)
@@ -166,26 +167,41 @@ class TQIndex:
         if n == 0:
             return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
         zq = self.rotation.apply(q)
-        _, cand = self.engine().search(zq, short)
-        cand = np.where(cand < 0, 0, cand)
+        cand = self._candidates(zq, short)
+        valid = cand >= 0
+        cand = np.where(valid, cand, 0)   # a placeholder row to index with; its score is -inf below
         scores = np.empty(cand.shape, np.float32)
         for i in range(0, nq, 32):  # bounded memory: [32, short, pd] codes at a time
             c = cand[i:i + 32]
             lv = self._levels(bitpack.unpack(self.codes[c.ravel()], self.bits, self.padded_dim)).reshape(*c.shape, -1)
             scores[i:i + 32] = np.einsum("qkd,qd->qk", lv, zq[i:i + 32]) * self.scale[c].astype(np.float32)
         scores += (q @ self.mean)[:, None]
+        scores[~valid] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")
         cand, scores = np.take_along_axis(cand, order, 1), np.take_along_axis(scores, order, 1)
         if rerank:
-            cand = cand[:, :rerank]
-            scores = np.einsum("qkd,qd->qk", self.vectors[cand].astype(np.float32), q)
+            cand, scores = cand[:, :rerank], scores[:, :rerank]
+            scores = np.where(np.isfinite(scores),
+                              np.einsum("qkd,qd->qk", self.vectors[cand].astype(np.float32), q), -np.inf)
             order = np.argsort(-scores, axis=1, kind="stable")
             cand, scores = np.take_along_axis(cand, order, 1), np.take_along_axis(scores, order, 1)
         out_s = np.full((nq, k), -np.inf, np.float32)
         out_i = np.full((nq, k), -1, np.int64)
         kk = min(k, cand.shape[1])
         out_s[:, :kk], out_i[:, :kk] = scores[:, :kk], cand[:, :kk]
+        out_i[~np.isfinite(out_s)] = -1   # a slot the scan could not fill is a pad, never a repeat of row 0
         return out_s, out_i
+
+    def _candidates(self, zq: np.ndarray, short: int) -> np.ndarray:
+        """[nq, short] candidate rows (-1 = none). When the short list covers the whole index every
+        row is a candidate: the fast scan returns -1 for rows it cannot rank (e.g. identical rows,
+        whose centred codes are all zero), and those must still be returned, each once. Ties in
+        the exact re-score then keep ascending row order (stable sort)."""
+        n = len(self)
+        if short >= n:
+            return np.broadcast_to(np.arange(n, dtype=np.int64), (len(zq), n)).copy()
+        _, cand = self.engine().search(zq, short)
+        return cand
 
     # -- snapshot -----------------------------------------------------------------------------
     def save(self, path) -> None:
@@ -224,6 +240,24 @@ class TQIndex:
         return {"vectors": len(self), "dim": self.dim, "padded_dim": self.padded_dim, "bits": self.bits,
                 "seed": self.seed, "store": self.store, "bytes_per_vector": self.bytes_per_vector,
                 "compression_vs_fp32": round(4 * self.dim / self.bytes_per_vector, 2)}
+
+
+MAX_RESULTS = 1 << 20   # k / rescore / rerank above this would allocate [queries, k] beyond reason
+
+
+def _check_search_sizes(k: int, rerank: int, rescore: int | None) -> None:
+    for name, value in (("k", k), ("rerank", rerank), ("rescore", rescore if rescore is not None else 1)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise AGPError(f"{name} must be an integer, got {value!r}")
+        if value > MAX_RESULTS:
+            raise AGPError(f"{name} = {value} is more than {MAX_RESULTS} results per query; ask for fewer")
+    if k < 1:
+        raise AGPError(f"k must be >= 1, got {k}")
+    if rerank < 0 or (rescore is not None and rescore < 1):
+        raise AGPError(f"rerank must be >= 0 and rescore >= 1, got rerank {rerank}, rescore {rescore}")
+    if 0 < rerank < k:
+        raise AGPError(f"rerank {rerank} is less than k {k}: it would return only {rerank} results; "
+                       f"use --rerank 0 or a value >= k")
 
 
 def check_output(out, inputs=(), force: bool = False) -> Path:
