@@ -20,7 +20,7 @@ def int_range(lo: int | None = None, hi: int | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{value} is not in {_span(lo, hi)}")
+            raise argparse.ArgumentTypeError(f"{value} must be {_span(lo, hi)}")
         return value
 
     parse.__name__ = "integer"   # argparse names the type in its own messages
@@ -85,5 +85,5 @@ def non_empty_path(text: str) -> str:
 
 def _span(lo, hi) -> str:
     if lo is not None and hi is not None:
-        return f"{lo}..{hi}"
+        return f"in {lo}..{hi}"
     return f">= {lo}" if lo is not None else f"<= {hi}"
