@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _reader_went_away()
     except KeyboardInterrupt:
-        print("agp: interrupted; completed stages are kept, rerun to resume", file=sys.stderr)
+        resume = "; completed stages are kept, rerun to resume" if argv[:1] == ["run"] else ""
+        print(f"agp: interrupted{resume}", file=sys.stderr)
         return 130
 
 
