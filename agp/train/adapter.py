@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from agp import io
+from agp import argtypes, io
 from agp.config import ConfigMixin
 from agp.data.build import DataArgs, build, load_lane
 from agp.data.default_corpus import CONTROL, control_texts
@@ -66,7 +66,7 @@ def add_arguments(p):
                    help="read every source file with this reader instead of detecting the format per file")
     p.add_argument("--adapter-kind", choices=["lora", "dora"], default=d.kind, help=f"adapter type (default {d.kind})")
     p.add_argument("--adapter-rank", type=int, default=d.rank, metavar="R", help=f"adapter rank (default {d.rank})")
-    p.add_argument("--adapter-scale", type=float, default=d.scale, help=f"LoRA scale (default {d.scale})")
+    p.add_argument("--adapter-scale", type=argtypes.float_range(), default=d.scale, help=f"LoRA scale (default {d.scale})")
     p.add_argument("--adapter-blocks", type=int, default=d.blocks, metavar="N",
                    help=f"adapt the last N transformer blocks (default {d.blocks})")
     p.add_argument("--adapter-iters", type=int, default=d.iters, metavar="N",
@@ -75,7 +75,7 @@ def add_arguments(p):
                    help=f"sequences per step (default {d.batch_size})")
     p.add_argument("--adapter-max-seq", type=int, default=d.max_seq, metavar="T",
                    help=f"tokens per sequence (default {d.max_seq}); memory grows with B x T x vocab")
-    p.add_argument("--adapter-lr", type=float, default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
+    p.add_argument("--adapter-lr", type=argtypes.float_range(0, lo_open=True), default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
     p.add_argument("--adapter-eval-rows", type=int, default=d.eval_rows, metavar="N",
                    help=f"held-out rows scored before/after (default {d.eval_rows})")
     p.add_argument("--adapter-control-rows", type=int, default=d.control_rows, metavar="N",

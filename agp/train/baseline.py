@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from agp import io
+from agp import argtypes, io
 from agp.backbone import load, macs
 from agp.backbone.lens import lens_stats
 from agp.config import ConfigMixin
@@ -37,9 +37,9 @@ class BaselineArgs(ConfigMixin):
 
 def add_arguments(p):
     d = BaselineArgs()
-    p.add_argument("--baseline-prompts", type=int, default=d.per_source, metavar="N",
+    p.add_argument("--baseline-prompts", type=argtypes.positive_int(), default=d.per_source, metavar="N",
                    help=f"prompts per source in the baseline pack (default {d.per_source}; 3 sources)")
-    p.add_argument("--baseline-decode-tokens", type=int, default=d.decode_tokens, metavar="N",
+    p.add_argument("--baseline-decode-tokens", type=argtypes.positive_int(), default=d.decode_tokens, metavar="N",
                    help=f"greedy decode steps per latency prompt (default {d.decode_tokens})")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from agp import io
+from agp import argtypes, io
 from agp.calibrate import metrics as M
 from agp.calibrate import policy as P
 from agp.calibrate.temperature import fit_temperature, softmax
@@ -61,16 +61,16 @@ class ControllerArgs(ConfigMixin):
 
 def add_arguments(p):
     d = ControllerArgs()
-    p.add_argument("--controller-prompts", type=int, default=d.prompts, metavar="N",
+    p.add_argument("--controller-prompts", type=argtypes.positive_int(), default=d.prompts, metavar="N",
                    help=f"prompts labelled by the oracle (default {d.prompts}; split 60/20/20 by prompt)")
-    p.add_argument("--controller-positions", type=int, default=d.positions, metavar="N",
+    p.add_argument("--controller-positions", type=argtypes.positive_int(), default=d.positions, metavar="N",
                    help=f"probed positions per prompt; each costs one 262144-wide head pass per probe layer (default {d.positions})")
-    p.add_argument("--controller-layers", default=None, metavar="L1,L2,...",
+    p.add_argument("--controller-layers", type=argtypes.int_list_text(0), default=None, metavar="L1,L2,...",
                    help="probe layers (default n/3, n/2, 2n/3, n-3, n-1); the decision layer must be one")
-    p.add_argument("--controller-decision-layer", type=int, default=None, metavar="D",
+    p.add_argument("--controller-decision-layer", type=argtypes.non_negative_int(), default=None, metavar="D",
                    help="layer whose hidden state the controller decides at (default 2n/3); must be a probe "
                         "layer; the heads read n/3, n/2 and D")
-    p.add_argument("--controller-steps", type=int, default=d.heads.steps, metavar="N",
+    p.add_argument("--controller-steps", type=argtypes.positive_int(), default=d.heads.steps, metavar="N",
                    help=f"training steps per head variant (default {d.heads.steps})")
 
 
