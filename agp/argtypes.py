@@ -36,8 +36,8 @@ def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool 
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         too_low = lo is not None and (value <= lo if lo_open else value < lo)
         if not math.isfinite(value) or too_low or (hi is not None and value > hi):
-            left = "(" if lo_open else "["
-            raise argparse.ArgumentTypeError(f"{value} is not a finite number in {left}{lo}, {hi}]")
+            bounds = [f"{'>' if lo_open else '>='} {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else ""]
+            raise argparse.ArgumentTypeError(" and ".join([f"{value} must be a finite number"] + [b for b in bounds if b]))
         return value
 
     parse.__name__ = "number"
