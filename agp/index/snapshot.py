@@ -161,7 +161,7 @@ class Snapshot:
                 raise AGPError(f"{self.path}: header checksum mismatch (bytes 20..{20 + hlen}); the file is corrupted, rebuild it")
             try:
                 self.meta = json.loads(hb)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise AGPError(f"{self.path}: header is not valid JSON at offset 20; rebuild it") from None
             self.start = -(-(PREFIX.size + hlen) // ALIGN) * ALIGN
             problem = header_problem(self.meta)

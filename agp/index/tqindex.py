@@ -223,14 +223,16 @@ class TQIndex:
             dim, pd, bits = int(m["dim"]), int(m["padded_dim"]), int(m["bits"])
             if bits not in BITS or Rotation.padded_dim_for(dim) != pd or m.get("rotation", "hadamard") != "hadamard":
                 raise ValueError("bits / padded_dim / rotation")
-            n = int(m["count"])
+            n, seed = int(m["count"]), int(m["seed"])
+            if not 0 <= seed < 2**32:
+                raise ValueError(f"seed {seed}")
             ok = (a["mean"].shape == (dim,) and a["codebook"].shape == (pd, 1 << bits) and a["scale"].shape == (n,)
                   and a["codes"].shape == (n, bitpack.packed_size(pd, bits)))
             if not ok or (m["store"] != "none") != ("vectors" in a):
                 raise ValueError("section shapes")
         except (KeyError, ValueError, TypeError) as e:
             raise AGPError(f"{path}: snapshot header is inconsistent ({e}); rebuild it") from None
-        idx = cls(dim, bits, int(m["seed"]), a["mean"], a["codebook"], a["scale"], a["codes"], a.get("vectors"),
+        idx = cls(dim, bits, seed, a["mean"], a["codebook"], a["scale"], a["codes"], a.get("vectors"),
                   store=m["store"], path=str(path))
         idx._snapshot = snap
         return idx
