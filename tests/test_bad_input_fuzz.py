@@ -89,3 +89,22 @@ def test_reader_counts_random_bytes(data):
         assert stats.malformed + len(rows) <= data.count(b"\n") + 1
         records, _ = read_source(path, ReadStats())
         assert isinstance(records, list)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(json_values.map(lambda v: json.dumps(v).encode()),
+                          st.lists(st.one_of(st.floats(), st.integers(-10**400, 10**400)), min_size=1, max_size=4)
+                          .map(lambda v: json.dumps(v).encode()),
+                          st.binary(max_size=40).map(lambda b: b.replace(b"\n", b" ")),
+                          st.just(b"[" * 5000 + b"]" * 5000)), min_size=1, max_size=6))
+def test_index_vector_reader_raises_only_agp_errors(raw_lines):
+    from agp.index.loader import load_vectors
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "v.jsonl"
+        path.write_bytes(b"\n".join(raw_lines) + b"\n")
+        try:
+            rows = load_vectors(path)
+        except AGPError as e:
+            assert "\n" not in str(e)
+        else:
+            assert rows.ndim == 2 and bool((abs((rows ** 2).sum(axis=1) - 1) < 1e-3).all())

@@ -37,6 +37,9 @@ def read_jsonl(path: Path) -> np.ndarray:
                 vec = _row_vector(json.loads(line), where)
             except json.JSONDecodeError as e:
                 raise AGPError(f"{where}: not valid JSON ({e.msg}); write one JSON array or object per line") from None
+            except (ValueError, RecursionError) as e:   # not UTF-8, or nested past the parser's limit
+                raise AGPError(f"{where}: not a readable JSON line ({type(e).__name__}); "
+                               f"write one UTF-8 JSON array or object per line") from None
             if not isinstance(vec, list) or not vec or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vec):
                 raise AGPError(f"{where}: the vector must be a non-empty JSON array of numbers")
             if dim is None:
@@ -46,14 +49,17 @@ def read_jsonl(path: Path) -> np.ndarray:
             rows.append(vec)
     if not rows:
         raise AGPError(f"{path}: no vectors (empty file); give at least one row")
-    return np.asarray(rows, dtype=np.float32)
+    try:
+        return np.asarray(rows, dtype=np.float32)
+    except OverflowError:
+        raise AGPError(f"{path}: a value is an integer too large for a float; write the vectors as floats") from None
 
 
 def check_rows(x, source: str, dim: int | None = None, first_row: int = 0) -> np.ndarray:
     """Validate a [N, d] array (finite, non-zero rows, expected dim) and return unit rows, float32."""
     try:
         x = np.asarray(x, dtype=np.float32)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise AGPError(f"{source}: cannot read as a float array ({e}); rows must all have the same length") from None
     if x.ndim == 1 and x.size:
         x = x[None, :]
