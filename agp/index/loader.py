@@ -50,7 +50,8 @@ def read_jsonl(path: Path) -> np.ndarray:
     if not rows:
         raise AGPError(f"{path}: no vectors (empty file); give at least one row")
     try:
-        return np.asarray(rows, dtype=np.float32)
+        with np.errstate(over="ignore"):   # values beyond float32 become inf: check_rows names the row
+            return np.asarray(rows, dtype=np.float32)
     except OverflowError:
         raise AGPError(f"{path}: a value is an integer too large for a float; write the vectors as floats") from None
 
