@@ -107,3 +107,16 @@ def test_every_field_is_counted_in_the_manifest(planted):
     routing = [json.loads(x) for s in ("train", "valid", "heldout")
                for x in (Path(out) / "routing" / f"{s}.jsonl").read_text().splitlines()]
     assert any("[REDACTED:" in json.dumps(r["meta"]) for r in routing)
+
+
+@pytest.mark.parametrize("kind", sorted(SECRETS))
+def test_a_secret_cut_by_the_tool_clip_is_not_half_written(kind):
+    """Tool inputs are clipped to TOOL_TEXT_MAX chars before redaction sees them; a key straddling
+    the cut used to leave its first half (too short to match any pattern) in the routing lane."""
+    from agp.data.filters import redact
+    from agp.data.sources import TOOL_TEXT_MAX, _clip
+    secret, marker = SECRETS[kind]
+    for shift in range(1, len(secret)):
+        text = "x " * ((TOOL_TEXT_MAX - shift) // 2) + " " * ((TOOL_TEXT_MAX - shift) % 2) + secret + " tail"
+        clipped, _ = redact(_clip(text))
+        assert marker[:8] not in clipped, (shift, clipped[-60:])

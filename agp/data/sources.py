@@ -15,6 +15,7 @@ directory may mix them. Directory walking is sorted, so builds are deterministic
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from agp.data.jsonl import ReadStats, read_jsonl
@@ -45,8 +46,16 @@ def detect_format(obj: dict) -> str | None:
     return None
 
 
+_TOKEN_TAIL = re.compile(r"[A-Za-z0-9_\-+/=.]+$")
+
+
 def _clip(s: str, n: int = TOOL_TEXT_MAX) -> str:
-    return s if len(s) <= n else s[:n] + f" …[{len(s) - n} more chars]"
+    """First n chars; a token cut by the limit is dropped whole, since the cut half of a key
+    (AKIA… with 10 of its 16 chars) no longer matches a redaction pattern but still leaks."""
+    if len(s) <= n:
+        return s
+    head = s[:n] if not s[n].isalnum() and s[n] not in "_-+/=." else _TOKEN_TAIL.sub("", s[:n])
+    return head + f" …[{len(s) - len(head)} more chars]"
 
 
 def _block_text(content) -> str:
