@@ -36,8 +36,9 @@ def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool 
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         too_low = lo is not None and (value <= lo if lo_open else value < lo)
         if not math.isfinite(value) or too_low or (hi is not None and value > hi):
-            bounds = [f"{'>' if lo_open else '>='} {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else ""]
-            raise argparse.ArgumentTypeError(" and ".join([f"{value} must be a finite number"] + [b for b in bounds if b]))
+            bounds = [f"{'>' if lo_open else '>='} {lo}" if lo is not None else "",
+                      f"<= {hi}" if hi is not None else ""]
+            raise argparse.ArgumentTypeError(" and ".join([f"{value} must be a finite number", *filter(None, bounds)]))
         return value
 
     parse.__name__ = "number"

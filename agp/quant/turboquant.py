@@ -36,8 +36,8 @@ import numpy as np
 
 from agp.errors import AGPError
 from agp.quant import bitpack, lloyd_max
-from agp.quant.codec import (CODEC_IDS, Codec, CodecError, CodecRangeError, as_rows, expect_len, read_header, read_varint,
-                             write_header, write_varint)
+from agp.quant.codec import (CODEC_IDS, Codec, CodecError, CodecRangeError, as_rows, expect_len, read_header,
+                             read_varint, write_header, write_varint)
 from agp.quant.rotation import Rotation
 
 VERSION = 1
