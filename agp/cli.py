@@ -22,7 +22,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad command line is an AGPError: one `agp: error: ...` line, exit 2."""
 
     def error(self, message):
-        raise AGPError(f"{self.prog}: {message}; see `{self.prog} --help`")
+        raise AGPError(f"{message}; see `{self.prog} --help`")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,23 +65,23 @@ def add_arguments(p):
                                                               "pairs", "chat"],
                    help="read every source file with this reader instead of detecting the format per file")
     p.add_argument("--adapter-kind", choices=["lora", "dora"], default=d.kind, help=f"adapter type (default {d.kind})")
-    p.add_argument("--adapter-rank", type=int, default=d.rank, metavar="R", help=f"adapter rank (default {d.rank})")
+    p.add_argument("--adapter-rank", type=argtypes.positive_int(), default=d.rank, metavar="R", help=f"adapter rank (default {d.rank})")
     p.add_argument("--adapter-scale", type=argtypes.float_range(), default=d.scale, help=f"LoRA scale (default {d.scale})")
-    p.add_argument("--adapter-blocks", type=int, default=d.blocks, metavar="N",
+    p.add_argument("--adapter-blocks", type=argtypes.positive_int(), default=d.blocks, metavar="N",
                    help=f"adapt the last N transformer blocks (default {d.blocks})")
-    p.add_argument("--adapter-iters", type=int, default=d.iters, metavar="N",
+    p.add_argument("--adapter-iters", type=argtypes.positive_int(), default=d.iters, metavar="N",
                    help=f"training steps (default {d.iters}: sized for CI on 2 CPU cores; use 200+ for a real run)")
-    p.add_argument("--adapter-batch", type=int, default=d.batch_size, metavar="B",
+    p.add_argument("--adapter-batch", type=argtypes.positive_int(), default=d.batch_size, metavar="B",
                    help=f"sequences per step (default {d.batch_size})")
-    p.add_argument("--adapter-max-seq", type=int, default=d.max_seq, metavar="T",
+    p.add_argument("--adapter-max-seq", type=argtypes.positive_int(), default=d.max_seq, metavar="T",
                    help=f"tokens per sequence (default {d.max_seq}); memory grows with B x T x vocab")
     p.add_argument("--adapter-lr", type=argtypes.float_range(0, lo_open=True), default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
-    p.add_argument("--adapter-eval-rows", type=int, default=d.eval_rows, metavar="N",
+    p.add_argument("--adapter-eval-rows", type=argtypes.positive_int(), default=d.eval_rows, metavar="N",
                    help=f"held-out rows scored before/after (default {d.eval_rows})")
-    p.add_argument("--adapter-control-rows", type=int, default=d.control_rows, metavar="N",
+    p.add_argument("--adapter-control-rows", type=argtypes.int_range(1, 16), default=d.control_rows, metavar="N",
                    help=f"control paragraphs scored before/after (default {d.control_rows}, at most 16)")
-    p.add_argument("--adapter-checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
-                   help=f"steps between checkpoints (default {d.checkpoint_every})")
+    p.add_argument("--adapter-checkpoint-every", type=argtypes.non_negative_int(), default=d.checkpoint_every, metavar="N",
+                   help=f"steps between checkpoints, 0 = none (default {d.checkpoint_every})")
 
 
 def config_from(args) -> AdapterArgs:
