@@ -28,6 +28,9 @@ def read_jsonl(path: str | Path, stats: ReadStats):
     undecodable or non-object lines are recorded in `stats` and skipped. A file that cannot be
     opened (a dangling symlink, a directory named *.jsonl, no permission) counts as one bad line 0."""
     path = Path(path)
+    if path.exists() and not path.is_file():   # a FIFO or device named *.jsonl would block or never end
+        stats.bad(path, 0, "not a regular file")
+        return
     try:
         f = open(path, "rb")
     except OSError as e:

@@ -59,7 +59,8 @@ def read_jsonl(path: Path) -> np.ndarray:
 def check_rows(x, source: str, dim: int | None = None, first_row: int = 0) -> np.ndarray:
     """Validate a [N, d] array (finite, non-zero rows, expected dim) and return unit rows, float32."""
     try:
-        x = np.asarray(x, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):   # float64 beyond float32 becomes inf: refused below
+            x = np.asarray(x, dtype=np.float32)
     except (ValueError, TypeError, OverflowError) as e:
         raise AGPError(f"{source}: cannot read as a float array ({e}); rows must all have the same length") from None
     if x.ndim == 1 and x.size:
@@ -75,7 +76,8 @@ def check_rows(x, source: str, dim: int | None = None, first_row: int = 0) -> np
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         r = int(np.argmax(bad))
-        raise AGPError(f"{source}: row {first_row + r} contains NaN or inf; clean or drop that row")
+        raise AGPError(f"{source}: row {first_row + r} contains NaN or inf (or a value beyond float32, ±3.4e38); "
+                       f"clean, rescale or drop that row")
     with np.errstate(over="ignore", under="ignore"):   # handled just below
         norms = np.linalg.norm(x, axis=1)
     off_scale = ~np.isfinite(norms) | (norms < np.finfo(np.float32).tiny)
