@@ -170,7 +170,10 @@ MALFORMED_CASES = {
     "nested 100 levels": ('{"prompt": "p", "response": "r", "scores": ' + "[" * 100 + "]" * 100 + "}",
                           "nested deeper than 64"),
     "lone surrogate": ('{"prompt": "echo \\ud800 this", "response": "echo \\ud800 this"}', "lone UTF-16 surrogate"),
-    "dangling symlink": (None, "cannot read the file"),
+    "dangling symlink": (lambda src: (src / "gone.jsonl").symlink_to(src.parent / "deleted.jsonl"),
+                         "cannot read the file"),
+    "directory named .jsonl": (lambda src: (src / "dir.jsonl").mkdir(), "not a regular file"),
+    "fifo named .jsonl": (lambda src: os.mkfifo(src / "pipe.jsonl"), "not a regular file"),
 }
 
 
@@ -180,8 +183,8 @@ def test_counted_malformed_line(case, tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
     (src / "good.jsonl").write_text(json.dumps(GOOD) + "\n")
-    if line is None:
-        (src / "gone.jsonl").symlink_to(tmp_path / "deleted.jsonl")
+    if callable(line):
+        line(src)
     else:
         (src / "bad.jsonl").write_text(json.dumps(GOOD | {"prompt": "A second, different question?"}) + "\n" + line + "\n")
     out = tmp_path / "lanes"
