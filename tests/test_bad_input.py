@@ -134,6 +134,12 @@ ERROR_CASES = {
     # model
     "model verify damaged": (lambda t, m: (_fake_cache(t, m), ["model", "verify"])[1],
                              "model.safetensors: sha256 differs"),
+    "model config not JSON": (lambda t, m: ["model", "info", "--model", str(_manifest(t, b"{", "config.json"))],
+                              "config.json is not readable JSON"),
+    "model without weights": (lambda t, m: ["model", "info", "--model", str(_manifest(
+        t, b'{"model_type": "gemma3_text"}', "config.json"))], "mlx-lm could not load the model"),
+    "index vectors beyond float32": (lambda t, m: ["index", "build", str(_vectors(t, "f.npy", np.full((3, 8), 1e300))),
+                                                   str(t / "f.tqidx")], "beyond float32"),
 }
 
 
