@@ -69,6 +69,8 @@ def _read_manifest(mpath: Path) -> dict:
     if not isinstance(manifest.setdefault("stages", {}), dict) or \
             not all(isinstance(rec, dict) for rec in manifest["stages"].values()):
         raise AGPError(f"corrupt manifest {mpath}: 'stages' is not an object of stage records; {fix}")
+    if not isinstance(manifest.get("config", {}), dict):
+        raise AGPError(f"corrupt manifest {mpath}: 'config' is not an object; {fix}")
     return manifest
 
 
