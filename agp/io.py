@@ -5,24 +5,39 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
-    path = Path(path)
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+
+    A symlink is written through: the file it points at is replaced and the link stays. The
+    result keeps the mode of the file it replaces (a new file gets the umask's default), since
+    mkstemp's private 0600 would otherwise leak into every rewritten file."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, _mode_for(path))
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -82,26 +97,72 @@ def write_safetensors(path, arrays: dict, metadata: dict | None = None) -> None:
                 os.unlink(named)
 
 
+MAX_JSON_DEPTH = 64  # nesting a JSONL line may have; deeper is a hostile or broken line
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
 def json_lines(path, objects_only: bool = True):
     """The one JSONL parser: yield (line number, value, None) for each JSON line, or (line number,
-    None, reason) for one that is not utf-8, not JSON or (with objects_only) not an object. Blank
-    lines are skipped. Callers choose the policy: count and go on, or refuse the file."""
+    None, reason) for one that is not utf-8, not JSON, nested past MAX_JSON_DEPTH, holds a lone
+    surrogate or (with objects_only) is not an object. Blank lines are skipped. Callers choose the
+    policy: count and go on, or refuse the file."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
+            value, why = parse_json_line(raw, objects_only)
+            yield lineno, value, why
+
+
+def parse_json_line(raw: bytes, objects_only: bool = True):
+    """(value, None) for a usable JSON line, else (None, why it is malformed)."""
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"not utf-8 ({e.reason} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, f"nested deeper than the JSON reader allows (limit {MAX_JSON_DEPTH} levels)"
+    if objects_only and not isinstance(value, dict):
+        return None, f"expected a JSON object, got {type(value).__name__}"
+    # cheap byte screens first: almost every line has neither deep nesting nor \ud8xx escapes
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH:
+        return None, f"nested deeper than {MAX_JSON_DEPTH} levels"
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(value):
+        return None, "holds a lone UTF-16 surrogate (\\ud800-\\udfff) that is not text"
+    return value, None
+
+
+def _children(value):
+    if isinstance(value, dict):
+        return [*value.keys(), *value.values()]
+    return value if isinstance(value, list) else ()
+
+
+def _depth(value) -> int:
+    """Nesting depth of a decoded JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in _children(item))
+    return deepest
+
+
+def _has_lone_surrogate(value) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
             try:
-                value = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield lineno, None, f"not utf-8 ({e.reason} at byte {e.start})"
-                continue
-            except json.JSONDecodeError as e:
-                yield lineno, None, f"invalid JSON ({e.msg} at column {e.colno})"
-                continue
-            if objects_only and not isinstance(value, dict):
-                yield lineno, None, f"expected a JSON object, got {type(value).__name__}"
-                continue
-            yield lineno, value, None
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        else:
+            stack.extend(_children(item))
+    return False
 
 
 def read_jsonl(path, fix: str) -> list[dict]:

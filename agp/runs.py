@@ -52,6 +52,27 @@ def platform_info() -> dict:
     }
 
 
+def _read_manifest(mpath: Path) -> dict:
+    """A run manifest that is a JSON object with a string run_id and a stages object, or a one-line error."""
+    fix = "delete the run directory (or pass another --run-dir) and rerun `agp run`"
+    if not mpath.is_file():
+        raise AGPError(f"{mpath} is not a file; {fix}")
+    try:
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise AGPError(f"corrupt manifest {mpath} ({type(e).__name__}: not UTF-8 JSON); {fix}") from None
+    if not isinstance(manifest, dict):
+        raise AGPError(f"corrupt manifest {mpath}: expected a JSON object, got {type(manifest).__name__}; {fix}")
+    if not isinstance(manifest.get("run_id"), str) or not manifest["run_id"]:
+        raise AGPError(f"corrupt manifest {mpath}: no run_id; {fix}")
+    if not isinstance(manifest.setdefault("stages", {}), dict) or \
+            not all(isinstance(rec, dict) for rec in manifest["stages"].values()):
+        raise AGPError(f"corrupt manifest {mpath}: 'stages' is not an object of stage records; {fix}")
+    if not isinstance(manifest.get("config", {}), dict):
+        raise AGPError(f"corrupt manifest {mpath}: 'config' is not an object; {fix}")
+    return manifest
+
+
 class Run:
     """One run directory with its manifest."""
 
@@ -60,10 +81,7 @@ class Run:
         mpath = self.path / MANIFEST
         if not mpath.exists():
             raise AGPError(f"no run at {self.path} (missing {MANIFEST}); create one with `agp run`")
-        try:
-            self.manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise AGPError(f"corrupt manifest {mpath}: {e}; delete the run and rerun `agp run`") from e
+        self.manifest = _read_manifest(mpath)
 
     @property
     def id(self) -> str:

@@ -39,8 +39,10 @@ def test_flags_are_validated():
     config.add_arguments(p, adapter.AdapterArgs, adapter.NAME, adapter.ALIASES)
     cfg = adapter.config_from(p.parse_args(["--adapter-iters", "50", "--adapter-kind", "dora"]))
     assert cfg.iters == 50 and cfg.kind == "dora" and cfg.blocks == adapter.AdapterArgs.blocks
-    with pytest.raises(AGPError, match="--adapter-iters must be at least 1"):
-        adapter.config_from(p.parse_args(["--adapter-iters", "0"]))
+    with pytest.raises(SystemExit):   # refused by argparse itself, before anything runs
+        p.parse_args(["--adapter-iters", "0"])
+    with pytest.raises(AGPError, match="--adapter-iters must be at least 1"):   # library callers too
+        adapter.config_from(argparse.Namespace(adapter_iters=0))
 
 
 def test_probe_positions():

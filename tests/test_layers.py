@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "agp"
 # package (first component under agp/) -> layer. A new package must be placed here on purpose.
 LAYERS = {
     # foundation: no AGP imports beyond each other
-    "": 0, "_blas": 0, "errors": 0, "config": 0, "io": 0, "runs": 0, "stages": 0,
+    "": 0, "_blas": 0, "errors": 0, "config": 0, "io": 0, "runs": 0, "stages": 0, "argtypes": 0,
     "backbone": 1, "quant": 1, "energy": 1,
     "data": 2, "ptp": 2, "index": 2,
     "oracle": 3,

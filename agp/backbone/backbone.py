@@ -175,9 +175,20 @@ def load(model: str | None = None, adapter: str | None = None) -> Backbone:
         if not (path / "config.json").exists():
             raise AGPError(f"{path} is not an mlx-lm model directory (no config.json); "
                            f"convert it with `mlx_lm.convert` or pass the embedded default")
-        segments.require_supported(load_config(path).get("model_type"), f"model at {path}")
+        try:
+            config = load_config(path)
+        except (OSError, ValueError) as e:   # ValueError covers bad JSON and bad UTF-8
+            raise AGPError(f"{path / 'config.json'} is not readable JSON ({type(e).__name__}); "
+                           f"re-convert the model with `mlx_lm.convert`") from None
+        segments.require_supported(config.get("model_type") if isinstance(config, dict) else None,
+                                   f"model at {path}")
     if adapter is not None:
         from agp.backbone.adapters import check_base
         check_base(adapter, weights_fingerprint(path), path)
-    m, tok = mlx_lm.load(str(path), adapter_path=adapter)
+    try:
+        m, tok = mlx_lm.load(str(path), adapter_path=adapter)
+    except (OSError, ValueError, KeyError) as e:   # missing/partial weights, a config mlx-lm cannot build
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise AGPError(f"mlx-lm could not load the model at {path} ({type(e).__name__}: {first}); "
+                       f"check the directory holds a complete converted model") from None
     return Backbone(m, tok, path, adapter)

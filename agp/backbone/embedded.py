@@ -67,22 +67,33 @@ def is_complete(path: Path, full: bool = False) -> bool:
     """True if `path` holds a finished conversion whose files match the marker.
 
     Sizes and mtimes are always checked; `full=True` re-hashes every file (slow, ~3 s)."""
+    return damage(path, full) is None
+
+
+def damage(path: Path, full: bool = False) -> str | None:
+    """What is wrong with the cache at `path`, naming the file ("model.safetensors: sha256 differs"),
+    or None when every file matches the marker."""
     marker = path / MARKER
     if not marker.exists():
-        return False
+        return f"{MARKER} is missing (the conversion never finished)"
     try:
         rec = json.loads(marker.read_text())
-        for name, meta in rec["files"].items():
+        files = rec["files"].items()
+    except (OSError, KeyError, ValueError, AttributeError, TypeError):
+        return f"{MARKER} is unreadable"
+    for name, meta in files:
+        try:
             st = (path / name).stat()
             if st.st_size != meta["size"]:
-                return False
+                return f"{name}: {st.st_size} bytes, the marker records {meta['size']}"
             changed = st.st_mtime_ns != meta["mtime_ns"] if "mtime_ns" in meta else int(st.st_mtime) != meta["mtime"]
-            if full or changed:
-                if io.sha256_file(path / name) != meta["sha256"]:
-                    return False
-    except (OSError, KeyError, ValueError):
-        return False
-    return True
+            if (full or changed) and io.sha256_file(path / name) != meta["sha256"]:
+                return f"{name}: sha256 differs from the marker"
+        except FileNotFoundError:
+            return f"{name}: missing"
+        except (OSError, KeyError, TypeError) as e:
+            return f"{name}: cannot be checked ({type(e).__name__})"
+    return None
 
 
 def _gguf_path(work: Path) -> Path:

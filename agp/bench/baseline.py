@@ -9,14 +9,15 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from agp import argtypes
 from agp.bench.timer import samples, timed
 
 
 def add_arguments(p):
     p.add_argument("--model", default=None, help="mlx-lm directory or hub id (default: embedded Gemma 3 270M)")
-    p.add_argument("--tokens", type=int, default=128, help="prompt length for prefill rows (default 128)")
-    p.add_argument("--decode", type=int, default=32, help="decode steps timed per row (default 32)")
-    p.add_argument("--reps", type=int, default=5, help="repetitions per prefill row (default 5)")
+    p.add_argument("--tokens", type=argtypes.positive_int(), default=128, help="prompt length for prefill rows (default 128)")
+    p.add_argument("--decode", type=argtypes.positive_int(), default=32, help="decode steps timed per row (default 32)")
+    p.add_argument("--reps", type=argtypes.positive_int(), default=5, help="repetitions per prefill row (default 5)")
 
 
 def _decode_times(bb, ids, steps: int, segmented: bool) -> np.ndarray:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from agp import argtypes
 from agp.bench.timer import best_of
 from agp.config import ConfigMixin
 from agp.errors import AGPError
@@ -186,13 +187,13 @@ def add_arguments(p) -> None:
                      "TurboQuant paper's upper bound sqrt(3)*pi/2*4^-b), cosine, inner-product relative bias "
                      "(mean error / mean <q,x>, queries with cos(q,x)~0.7) and error std (normalised by |q||x|), payload bytes per vector, full AGP-PTP packet bytes for one state, encode/decode time.")
     p.add_argument("--source", default="all", choices=["real", "synthetic", "all"], help="which vectors to measure")
-    p.add_argument("--dims", default="640,1536,2048", help="synthetic vector lengths (comma separated)")
-    p.add_argument("--n", type=int, default=BenchCodecsArgs.n, help="synthetic vectors per dim")
-    p.add_argument("--layers", default="6,12", help="layer boundaries of the real hidden states")
-    p.add_argument("--per-source", type=int, default=BenchCodecsArgs.per_source, help="prompts per prompt-pack source")
-    p.add_argument("--max-tokens", type=int, default=BenchCodecsArgs.max_tokens, help="tokens per prompt")
+    p.add_argument("--dims", type=argtypes.int_list_text(2, 1 << 16), default="640,1536,2048", help="synthetic vector lengths (comma separated)")
+    p.add_argument("--n", type=argtypes.positive_int(), default=BenchCodecsArgs.n, help="synthetic vectors per dim")
+    p.add_argument("--layers", type=argtypes.int_list_text(0), default="6,12", help="layer boundaries of the real hidden states")
+    p.add_argument("--per-source", type=argtypes.positive_int(), default=BenchCodecsArgs.per_source, help="prompts per prompt-pack source")
+    p.add_argument("--max-tokens", type=argtypes.positive_int(), default=BenchCodecsArgs.max_tokens, help="tokens per prompt")
     p.add_argument("--codecs", default=",".join(CODECS), help="codecs to compare")
-    p.add_argument("--repeats", type=int, default=3, help="timing repeats (best is reported)")
+    p.add_argument("--repeats", type=argtypes.positive_int(), default=3, help="timing repeats (best is reported)")
     p.add_argument("--out", default=None, help="also write every row to this JSON file")
     p.add_argument("--plot", default=None, help="also draw packet bytes vs distortion (PNG) for the sets of the first width")
 

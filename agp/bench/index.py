@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from agp import argtypes
 from agp.bench.timer import timed
 from agp.config import ConfigMixin
 from agp.errors import AGPError
@@ -207,10 +208,10 @@ def format_table(rows: list[dict]) -> str:
 def add_arguments(p) -> None:
     p.description = __doc__
     p.add_argument("--data", choices=["table", "hidden"], default="table", help="real vectors: embedding table or prompt-pack hidden states")
-    p.add_argument("--rows", type=int, default=0, help="base rows (0 = all; the table has 262144 minus the queries)")
-    p.add_argument("--queries", type=int, default=1000, help="held-out query rows")
-    p.add_argument("--single", type=int, default=200, help="queries timed one at a time for mean/p95 latency")
-    p.add_argument("--threads", type=int, default=2, help="FAISS OpenMP threads")
+    p.add_argument("--rows", type=argtypes.non_negative_int(), default=0, help="base rows (0 = all; the table has 262144 minus the queries)")
+    p.add_argument("--queries", type=argtypes.positive_int(), default=1000, help="held-out query rows")
+    p.add_argument("--single", type=argtypes.non_negative_int(), default=200, help="queries timed one at a time for mean/p95 latency")
+    p.add_argument("--threads", type=argtypes.positive_int(), default=2, help="FAISS OpenMP threads")
     p.add_argument("--methods", nargs="*", default=[], help=f"subset of: {', '.join(METHODS)}")
     p.add_argument("--out", default="", help="directory to write table.md, results.json and recall_latency.png")
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agp import argtypes
 from agp.bench.timer import timed
 from agp.ptp.errors import PTPError
 from agp.ptp.packet import CRC_OFFSET, HEADER_SIZE, decode_packet, encode_packet
@@ -357,9 +358,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "unknown codecs, fingerprint mismatches, re-sealed section damage, garbage, replays) and count "
                      "how the receiver answers. Exit status 1 if any input was accepted wrongly, crashed the "
                      "decoder (an exception that is not a PTPError) or took longer than --max-ms.")
-    p.add_argument("--n", type=int, default=FuzzArgs.n, help="mutated packets to try (default %(default)s)")
-    p.add_argument("--seed", type=int, default=FuzzArgs.seed, help="random seed (the campaign is reproducible)")
-    p.add_argument("--max-ms", type=float, default=FuzzArgs.max_ms, help="per-decode time counted as a hang")
+    p.add_argument("--n", type=argtypes.positive_int(), default=FuzzArgs.n, help="mutated packets to try (default %(default)s)")
+    p.add_argument("--seed", type=argtypes.seed(), default=FuzzArgs.seed, help="random seed (the campaign is reproducible)")
+    p.add_argument("--max-ms", type=argtypes.float_range(0, lo_open=True), default=FuzzArgs.max_ms, help="per-decode time counted as a hang")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -1,7 +1,8 @@
 """`agp data build|stats`: build the four lanes from a transcript folder (or the default corpus)."""
 from __future__ import annotations
 
-from agp.data.build import DataArgs, build, load_manifest, stats_table
+from agp import argtypes
+from agp.data.build import MAX_OVERSAMPLE, DataArgs, build, load_manifest, stats_table, verify_lanes
 
 
 def add_parser(sub):
@@ -13,13 +14,19 @@ def add_parser(sub):
                      description="Read every *.jsonl under --source (Claude Code sessions, verbose-all/prompts-all "
                                  "prompt logs, Codex history, prompt/response or chat-messages JSONL; the format is "
                                  "detected per file), filter, and write OUT/<lane>/<split>.jsonl + OUT/manifest.json. "
-                                 "Without --source the offline default corpus is used. OUT is replaced atomically.")
+                                 "Without --source the offline default corpus is used. OUT is replaced atomically "
+                                 "if it is new, empty or an earlier `agp data build` output; any other directory "
+                                 "needs --force, and the source, the current directory and their parents never are.")
     b.add_argument("--source", metavar="DIR", default=None, help="transcripts directory or one .jsonl file")
     b.add_argument("--format", default=None, choices=["claude_session", "prompt_log", "codex_history", "pairs", "chat"],
                    help="force one reader for every file instead of detecting it")
-    b.add_argument("--out", metavar="DIR", required=True, help="output directory (replaced if it exists)")
-    b.add_argument("--oversample", type=int, default=DataArgs.oversample,
-                   help=f"semantic lane copies of a prompt expressing a concept (default {DataArgs.oversample})")
+    b.add_argument("--out", metavar="DIR", required=True,
+                   help="output directory (an earlier build there is replaced; anything else needs --force)")
+    b.add_argument("--force", action="store_true",
+                   help="replace an existing --out directory that is not an `agp data build` output")
+    b.add_argument("--oversample", type=argtypes.int_range(1, MAX_OVERSAMPLE), default=DataArgs.oversample,
+                   help=f"semantic lane copies of a prompt expressing a concept, 1..{MAX_OVERSAMPLE} "
+                        f"(default {DataArgs.oversample})")
     b.set_defaults(func=main_build)
     st = s.add_parser("stats", help="print counts per lane, rule and split of a built dataset")
     st.add_argument("dir", help="a directory written by `agp data build` (or <run>/adapter/data)")
@@ -27,12 +34,15 @@ def add_parser(sub):
 
 
 def main_build(args) -> int:
-    man = build(DataArgs(source=args.source, format=args.format, oversample=args.oversample), args.out)
+    man = build(DataArgs(source=args.source, format=args.format, oversample=args.oversample), args.out,
+                force=args.force)
     print(stats_table(man))
     print(f"wrote {args.out} ({man['seconds']:.2f} s)")
     return 0
 
 
 def main_stats(args) -> int:
-    print(stats_table(load_manifest(args.dir)))
+    man = load_manifest(args.dir)
+    verify_lanes(args.dir, man)   # the counts printed are those of the files present, not a stale record
+    print(stats_table(man))
     return 0

@@ -5,6 +5,10 @@ import json
 
 import numpy as np
 
+from agp import argtypes
+
+MAX_K = 1 << 16   # results per query the CLI prints; more is a dump of the index, not a search
+
 
 def add_parser(sub):
     p = sub.add_parser("index", help="build, search, inspect or append to a TurboQuant .tqidx index",
@@ -17,13 +21,15 @@ def add_parser(sub):
     b.add_argument("out", help="snapshot path to write (.tqidx)")
     b.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="bits per rotated coordinate (default 4)")
     b.add_argument("--store", default="none", choices=["none", "fp16", "fp32"], help="keep vectors for exact rerank")
-    b.add_argument("--seed", type=int, default=0, help="rotation seed")
+    b.add_argument("--seed", type=argtypes.seed(), default=0, help="rotation seed (0 .. 2**32-1)")
+    b.add_argument("--force", action="store_true", help="replace an existing OUT that is not a .tqidx snapshot")
     b.set_defaults(func=_build)
     s = isub.add_parser("search", help="top-k for query vectors; prints one JSON line per query")
     s.add_argument("index", help=".tqidx snapshot")
     s.add_argument("queries", help=".npy or .jsonl query vectors")
-    s.add_argument("-k", type=int, default=10, help="results per query")
-    s.add_argument("--rerank", type=int, default=0, help="re-score this many candidates exactly (needs --store at build)")
+    s.add_argument("-k", type=argtypes.int_range(1, MAX_K), default=10, help=f"results per query (1..{MAX_K})")
+    s.add_argument("--rerank", type=argtypes.non_negative_int(), default=0,
+                   help="re-score this many candidates exactly, 0 or >= k (needs --store at build)")
     s.set_defaults(func=_search)
     i = isub.add_parser("inspect", help="print vectors, dimension, bits and compression ratio vs fp32")
     i.add_argument("index", help=".tqidx snapshot")
@@ -36,9 +42,11 @@ def add_parser(sub):
 
 def _build(args) -> int:
     from agp.index import IndexArgs, TQIndex
+    from agp.index.tqindex import check_output
 
+    out = check_output(args.out, [args.vectors], force=args.force)
     idx = TQIndex.build(args.vectors, IndexArgs(bits=args.bits, store=args.store, seed=args.seed))
-    idx.save(args.out)
+    idx.save(out)
     print(json.dumps({"wrote": args.out, **idx.info()}))
     return 0
 

@@ -39,8 +39,9 @@ def verify(args) -> int:
     target = embedded.target_dir()
     if not target.exists():
         raise AGPError(f"no cached model at {target}; run `agp model convert`")
-    if not embedded.is_complete(target, full=True):
-        raise AGPError(f"cached model at {target} is corrupt or partial; run `agp model convert --force`")
+    problem = embedded.damage(target, full=True)
+    if problem:
+        raise AGPError(f"cached model at {target} is corrupt or partial ({problem}); run `agp model convert --force`")
     print(f"agp: {target} verified (every file matches its sha256)")
     return 0
 

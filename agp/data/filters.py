@@ -82,16 +82,46 @@ def _similar(a: str, b: str) -> float:
 
 
 # --- the rules ------------------------------------------------------------------------------
+MAX_REDACT_FIELDS = 64   # distinct field names counted in the manifest; the rest share "<parent>.*"
+
+
+def _field_name(parent: str, key, counted: dict) -> str:
+    key = redact(str(key))[0][:40]   # a key can itself be a secret: the manifest must not repeat it
+    name = f"{parent}.{key}" if parent else key
+    return name if name in counted or len(counted) < MAX_REDACT_FIELDS else f"{parent or 'other'}.*"
+
+
+def _redact_value(value, field: str, counted: dict):
+    """`value` with every string (dict keys included) redacted; counts replacements under `field`.
+    Nesting is bounded by the reader (agp.data.jsonl.MAX_DEPTH), so recursion is safe."""
+    if isinstance(value, str):
+        text, k = redact(value)
+        if k:
+            counted[field] = counted.get(field, 0) + k
+        return text
+    if isinstance(value, list):
+        return [_redact_value(v, field, counted) for v in value]
+    if isinstance(value, dict):
+        return {_redact_value(k, field, counted): _redact_value(v, field, counted) for k, v in value.items()}
+    return value
+
+
 def rule_redact_secrets(rec, args, state):
-    n = 0
-    for key in ("prompt", "response"):
-        if rec.get(key):
-            rec[key], k = redact(rec[key])
-            n += k
-    for t in rec.get("turns", []):
-        t["text"], k = redact(t.get("text", ""))
-        n += k
-    return "change" if n else None
+    """Every string that can reach a lane: prompt, response, each turn's fields, metadata (meta.system,
+    meta.summary, any nested value or key), even the origin. Counts per field go to state."""
+    counted = state.setdefault("redacted_fields", {})
+    before = sum(counted.values())
+    for key in list(rec):
+        if key == "turns" and isinstance(rec[key], list):
+            for turn in rec[key]:
+                for tkey in list(turn):
+                    turn[tkey] = _redact_value(turn[tkey], _field_name("turns", tkey, counted), counted)
+        elif key == "meta" and isinstance(rec[key], dict):
+            rec[key] = {_redact_value(mkey, _field_name("meta", mkey, counted), counted):
+                        _redact_value(v, _field_name("meta", mkey, counted), counted) for mkey, v in rec[key].items()}
+        else:
+            rec[key] = _redact_value(rec[key], _field_name("", key, counted), counted)
+    return "change" if sum(counted.values()) > before else None
 
 
 def rule_empty(rec, args, state):
@@ -166,7 +196,8 @@ RULES = [
 
 
 def apply_filters(records: list[dict], args: FilterArgs | None = None) -> tuple[list[dict], dict]:
-    """Run every rule; returns (kept records, {rule: {"dropped": n, "changed": n}})."""
+    """Run every rule; returns (kept records, {rule: {"dropped": n, "changed": n}}); redact_secrets
+    also carries "fields": {field: replacements} (e.g. prompt, turns.text, meta.system)."""
     args = args or FilterArgs()
     counts = {name: {"dropped": 0, "changed": 0} for name, _ in RULES}
     state: dict = {}
@@ -182,4 +213,5 @@ def apply_filters(records: list[dict], args: FilterArgs | None = None) -> tuple[
                 break
         else:
             kept.append(rec)
+    counts["redact_secrets"]["fields"] = dict(sorted(state.get("redacted_fields", {}).items()))
     return kept, counts

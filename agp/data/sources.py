@@ -15,6 +15,7 @@ directory may mix them. Directory walking is sorted, so builds are deterministic
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from agp.data.jsonl import ReadStats, read_jsonl
@@ -25,9 +26,14 @@ _CLAUDE_TYPES = {"user", "assistant", "summary", "system", "file-history-snapsho
 TOOL_TEXT_MAX = 600   # tool inputs/results are clipped to this many characters in turns
 
 
+def _str(value) -> str:
+    """`value` if it is a string, else "": a field of the wrong JSON type carries no text."""
+    return value if isinstance(value, str) else ""
+
+
 def detect_format(obj: dict) -> str | None:
     """Name of the format whose rows look like `obj`, or None."""
-    if obj.get("type") in _CLAUDE_TYPES and ("message" in obj or obj["type"] in ("summary", "system")):
+    if isinstance(obj.get("type"), str) and obj["type"] in _CLAUDE_TYPES and ("message" in obj or obj["type"] in ("summary", "system")):
         return "claude_session"
     if isinstance(obj.get("messages"), list):
         return "chat"
@@ -40,8 +46,16 @@ def detect_format(obj: dict) -> str | None:
     return None
 
 
+_TOKEN_TAIL = re.compile(r"[A-Za-z0-9_\-+/=.]+$")
+
+
 def _clip(s: str, n: int = TOOL_TEXT_MAX) -> str:
-    return s if len(s) <= n else s[:n] + f" …[{len(s) - n} more chars]"
+    """First n chars; a token cut by the limit is dropped whole, since the cut half of a key
+    (AKIA… with 10 of its 16 chars) no longer matches a redaction pattern but still leaks."""
+    if len(s) <= n:
+        return s
+    head = s[:n] if not s[n].isalnum() and s[n] not in "_-+/=." else _TOKEN_TAIL.sub("", s[:n])
+    return head + f" …[{len(s) - len(head)} more chars]"
 
 
 def _block_text(content) -> str:
@@ -49,14 +63,15 @@ def _block_text(content) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
+        return "\n".join(_str(b.get("text")) if isinstance(b, dict) else json.dumps(b) for b in content)
     return "" if content is None else json.dumps(content, sort_keys=True)
 
 
 def _claude_turns(obj: dict) -> list[dict]:
     """Turns of one Claude Code message line (content may be a string or a list of blocks)."""
-    msg = obj.get("message") or {}
-    role = msg.get("role") or obj.get("type")
+    msg = obj.get("message")
+    msg = msg if isinstance(msg, dict) else {}
+    role = _str(msg.get("role")) or _str(obj.get("type"))
     content = msg.get("content")
     if isinstance(content, str):
         return [{"role": role, "kind": "text", "text": content}]
@@ -66,14 +81,14 @@ def _claude_turns(obj: dict) -> list[dict]:
             continue
         kind = b.get("type")
         if kind == "text":
-            turns.append({"role": role, "kind": "text", "text": b.get("text", "")})
+            turns.append({"role": role, "kind": "text", "text": _str(b.get("text"))})
         elif kind == "thinking":
-            turns.append({"role": role, "kind": "thinking", "text": b.get("thinking", "")})
+            turns.append({"role": role, "kind": "thinking", "text": _str(b.get("thinking"))})
         elif kind == "tool_use":
-            turns.append({"role": role, "kind": "tool_use", "tool": b.get("name", "?"),
+            turns.append({"role": role, "kind": "tool_use", "tool": _str(b.get("name")) or "?",
                           "text": _clip(json.dumps(b.get("input", {}), sort_keys=True))})
         elif kind == "tool_result":
-            turns.append({"role": role, "kind": "tool_result", "tool": b.get("tool_use_id", "?"),
+            turns.append({"role": role, "kind": "tool_result", "tool": _str(b.get("tool_use_id")) or "?",
                           "text": _clip(_block_text(b.get("content"))), "is_error": bool(b.get("is_error"))})
     return turns
 
@@ -164,7 +179,7 @@ def _message_text(content) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):   # OpenAI-style content parts
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+        return "\n".join(_str(p.get("text")) for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
     return ""
 
 

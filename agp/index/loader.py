@@ -42,14 +42,19 @@ def read_jsonl(path: Path) -> np.ndarray:
         rows.append(vec)
     if not rows:
         raise AGPError(f"{path}: no vectors (empty file); give at least one row")
-    return np.asarray(rows, dtype=np.float32)
+    try:
+        with np.errstate(over="ignore"):   # values beyond float32 become inf: check_rows names the row
+            return np.asarray(rows, dtype=np.float32)
+    except OverflowError:
+        raise AGPError(f"{path}: a value is an integer too large for a float; write the vectors as floats") from None
 
 
 def check_rows(x, source: str, dim: int | None = None, first_row: int = 0) -> np.ndarray:
     """Validate a [N, d] array (finite, non-zero rows, expected dim) and return unit rows, float32."""
     try:
-        x = np.asarray(x, dtype=np.float32)
-    except (ValueError, TypeError) as e:
+        with np.errstate(over="ignore", invalid="ignore"):   # float64 beyond float32 becomes inf: refused below
+            x = np.asarray(x, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError) as e:
         raise AGPError(f"{source}: cannot read as a float array ({e}); rows must all have the same length") from None
     if x.ndim == 1 and x.size:
         x = x[None, :]
@@ -64,13 +69,28 @@ def check_rows(x, source: str, dim: int | None = None, first_row: int = 0) -> np
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         r = int(np.argmax(bad))
-        raise AGPError(f"{source}: row {first_row + r} contains NaN or inf; clean or drop that row")
-    norms = np.linalg.norm(x, axis=1)
-    zero = norms == 0
-    if zero.any():
-        r = int(np.argmax(zero))
-        raise AGPError(f"{source}: row {first_row + r} is all zeros and has no direction; drop that row")
+        raise AGPError(f"{source}: row {first_row + r} contains NaN or inf (or a value beyond float32, ±3.4e38); "
+                       f"clean, rescale or drop that row")
+    with np.errstate(over="ignore", under="ignore"):   # handled just below
+        norms = np.linalg.norm(x, axis=1)
+    off_scale = ~np.isfinite(norms) | (norms < np.finfo(np.float32).tiny)
+    if off_scale.any():
+        x = _rescale_rows(x, off_scale, source, first_row)
+        norms = np.linalg.norm(x, axis=1)
     return x / norms[:, None]
+
+
+def _rescale_rows(x: np.ndarray, rows: np.ndarray, source: str, first_row: int) -> np.ndarray:
+    """Rows whose float32 norm overflows (|x| ~ 1e20 and up) or underflows are divided by their
+    largest |value| first: the direction is what the index keeps, and without this a huge row
+    normalises to all zeros (every search then answers row 0 with score 0)."""
+    peak = np.abs(x[rows]).max(axis=1)
+    if (peak == 0).any():
+        r = int(np.flatnonzero(rows)[int(np.argmax(peak == 0))])
+        raise AGPError(f"{source}: row {first_row + r} is all zeros and has no direction; drop that row")
+    x = np.array(x, dtype=np.float32)   # a private copy: the source may be a read-only memory map
+    x[rows] /= peak[:, None]
+    return x
 
 
 def load_vectors(src, dim: int | None = None) -> np.ndarray:

@@ -58,6 +58,24 @@ def write(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     header = {**meta, "block_bytes": BLOCK_BYTES, "sections": specs}
     hb = json.dumps(header, sort_keys=True).encode()
     start = -(-(PREFIX.size + len(hb)) // ALIGN) * ALIGN
+    if path.is_dir():
+        raise AGPError(f"{path} is a directory; give a file path for the snapshot (e.g. {path / 'index.tqidx'})")
+    try:
+        _write_file(path, hb, specs, blobs, start, offset)
+    except OSError as e:
+        raise AGPError(f"{path}: cannot write the snapshot ({e.strerror or e}); choose a writable file path") from None
+
+
+def is_snapshot(path) -> bool:
+    """True if `path` is a file that starts with the .tqidx magic (something `agp index` wrote)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def _write_file(path: Path, hb: bytes, specs: dict, blobs: list, start: int, offset: int) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(PREFIX.pack(MAGIC, VERSION, len(hb), zlib.crc32(hb)))
@@ -69,6 +87,51 @@ def write(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
             f.flush()
             import os
             os.fsync(f.fileno())
+
+
+SECTION_DTYPES = {"mean": ("<f4",), "codebook": ("<f4",), "scale": ("<f2",), "codes": ("|u1",),
+                  "vectors": ("<f2", "<f4")}
+MIN_BLOCK, MAX_BLOCK = 1 << 12, 1 << 30   # crc32 block sizes a reader accepts (the writer uses BLOCK_BYTES)
+
+
+def header_problem(meta) -> str | None:
+    """What makes a parsed header unusable (None if every section is well-formed): a header whose
+    CRC was recomputed after an edit must still describe sections that match their bytes."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("sections"), dict):
+        return "no sections object"
+    block = meta.get("block_bytes")
+    if type(block) is not int or not MIN_BLOCK <= block <= MAX_BLOCK or block & (block - 1):
+        return f"block_bytes {block!r} is not a power of two in {MIN_BLOCK}..{MAX_BLOCK}"
+    end = 0
+    for name, spec in sorted(meta["sections"].items(), key=lambda kv: _offset(kv[1])):
+        problem = _section_problem(name, spec, block)
+        if problem:
+            return problem
+        if spec["offset"] < end:
+            return f"section '{name}' overlaps the previous one"
+        end = spec["offset"] + spec["nbytes"]
+    return None
+
+
+def _offset(spec) -> int:
+    return spec.get("offset", 0) if isinstance(spec, dict) and type(spec.get("offset")) is int else 0
+
+
+def _section_problem(name: str, spec, block: int) -> str | None:
+    if name not in SECTION_DTYPES or not isinstance(spec, dict):
+        return f"unknown section {name!r}"
+    offset, nbytes, shape, crcs = spec.get("offset"), spec.get("nbytes"), spec.get("shape"), spec.get("crc32")
+    if type(offset) is not int or offset < 0 or offset % ALIGN or type(nbytes) is not int or nbytes < 0:
+        return f"section '{name}' offset/nbytes {offset!r}/{nbytes!r} are not aligned non-negative integers"
+    if spec.get("dtype") not in SECTION_DTYPES[name]:
+        return f"section '{name}' dtype {spec.get('dtype')!r} is not one of {SECTION_DTYPES[name]}"
+    if not isinstance(shape, list) or not shape or any(type(d) is not int or d < 0 for d in shape):
+        return f"section '{name}' shape {shape!r} is not a list of non-negative integers"
+    if int(np.prod(shape, dtype=object)) * np.dtype(spec["dtype"]).itemsize != nbytes:
+        return f"section '{name}' shape {shape} does not match its {nbytes} bytes"
+    if not isinstance(crcs, list) or len(crcs) != max(1, -(-nbytes // block)) or any(type(c) is not int for c in crcs):
+        return f"section '{name}' lists {len(crcs) if isinstance(crcs, list) else crcs!r} checksums for {nbytes} bytes"
+    return None
 
 
 class Snapshot:
@@ -98,12 +161,20 @@ class Snapshot:
                 raise AGPError(f"{self.path}: header checksum mismatch (bytes 20..{20 + hlen}); the file is corrupted, rebuild it")
             try:
                 self.meta = json.loads(hb)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise AGPError(f"{self.path}: header is not valid JSON at offset 20; rebuild it") from None
             self.start = -(-(PREFIX.size + hlen) // ALIGN) * ALIGN
-            end = self.start + max((s["offset"] + s["nbytes"] for s in self.meta["sections"].values()), default=0)
+            problem = header_problem(self.meta)
+            if problem:
+                raise AGPError(f"{self.path}: snapshot header is inconsistent ({problem}); rebuild it")
+            body = max((s["offset"] + s["nbytes"] for s in self.meta["sections"].values()), default=0)
+            end = self.start + body
             if size < end:
                 raise AGPError(f"{self.path}: truncated snapshot: {size} bytes, the header promises {end}; rebuild or re-copy it")
+            written = self.start + -(-body // ALIGN) * ALIGN   # the writer pads the last section to ALIGN
+            if size > written:
+                raise AGPError(f"{self.path}: {size - written} unexpected bytes after the last section (offset {written}); "
+                               "the file was appended to or mis-copied, rebuild or re-copy it")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         self.arrays = {}
         for name, s in self.meta["sections"].items():

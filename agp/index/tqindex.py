@@ -16,8 +16,10 @@ stored fp16/fp32 vectors.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -64,6 +66,8 @@ class TQIndex:
             raise AGPError(f"index bits must be one of {BITS}, got {args.bits}")
         if args.store not in STORES:
             raise AGPError(f"index store must be one of {STORES}, got {args.store!r}")
+        if not 0 <= args.seed < 2**32:
+            raise AGPError(f"index seed must be in 0..2**32-1 (it is stored as u32), got {args.seed}")
         x = loader.load_vectors(src)
         n, dim = x.shape
         rot = Rotation(dim, args.seed)
@@ -152,8 +156,7 @@ class TQIndex:
         vectors (needs store fp16/fp32).
         """
         q = loader.check_rows(queries, "query", self.dim)
-        if k < 1:
-            raise AGPError(f"k must be >= 1, got {k}")
+        _check_search_sizes(k, rerank, rescore)
         if rerank and self.vectors is None:
             raise AGPError("rerank needs stored vectors; build the index with --store fp16 or fp32")
         n = len(self)
@@ -164,26 +167,41 @@ class TQIndex:
         if n == 0:
             return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
         zq = self.rotation.apply(q)
-        _, cand = self.engine().search(zq, short)
-        cand = np.where(cand < 0, 0, cand)
+        cand = self._candidates(zq, short)
+        valid = cand >= 0
+        cand = np.where(valid, cand, 0)   # a placeholder row to index with; its score is -inf below
         scores = np.empty(cand.shape, np.float32)
         for i in range(0, nq, 32):  # bounded memory: [32, short, pd] codes at a time
             c = cand[i:i + 32]
             lv = self._levels(bitpack.unpack(self.codes[c.ravel()], self.bits, self.padded_dim)).reshape(*c.shape, -1)
             scores[i:i + 32] = np.einsum("qkd,qd->qk", lv, zq[i:i + 32]) * self.scale[c].astype(np.float32)
         scores += (q @ self.mean)[:, None]
+        scores[~valid] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")
         cand, scores = np.take_along_axis(cand, order, 1), np.take_along_axis(scores, order, 1)
         if rerank:
-            cand = cand[:, :rerank]
-            scores = np.einsum("qkd,qd->qk", self.vectors[cand].astype(np.float32), q)
+            cand, scores = cand[:, :rerank], scores[:, :rerank]
+            scores = np.where(np.isfinite(scores),
+                              np.einsum("qkd,qd->qk", self.vectors[cand].astype(np.float32), q), -np.inf)
             order = np.argsort(-scores, axis=1, kind="stable")
             cand, scores = np.take_along_axis(cand, order, 1), np.take_along_axis(scores, order, 1)
         out_s = np.full((nq, k), -np.inf, np.float32)
         out_i = np.full((nq, k), -1, np.int64)
         kk = min(k, cand.shape[1])
         out_s[:, :kk], out_i[:, :kk] = scores[:, :kk], cand[:, :kk]
+        out_i[~np.isfinite(out_s)] = -1   # a slot the scan could not fill is a pad, never a repeat of row 0
         return out_s, out_i
+
+    def _candidates(self, zq: np.ndarray, short: int) -> np.ndarray:
+        """[nq, short] candidate rows (-1 = none). When the short list covers the whole index every
+        row is a candidate: the fast scan returns -1 for rows it cannot rank (e.g. identical rows,
+        whose centred codes are all zero), and those must still be returned, each once. Ties in
+        the exact re-score then keep ascending row order (stable sort)."""
+        n = len(self)
+        if short >= n:
+            return np.broadcast_to(np.arange(n, dtype=np.int64), (len(zq), n)).copy()
+        _, cand = self.engine().search(zq, short)
+        return cand
 
     # -- snapshot -----------------------------------------------------------------------------
     def save(self, path) -> None:
@@ -205,14 +223,16 @@ class TQIndex:
             dim, pd, bits = int(m["dim"]), int(m["padded_dim"]), int(m["bits"])
             if bits not in BITS or Rotation.padded_dim_for(dim) != pd or m.get("rotation", "hadamard") != "hadamard":
                 raise ValueError("bits / padded_dim / rotation")
-            n = int(m["count"])
+            n, seed = int(m["count"]), int(m["seed"])
+            if not 0 <= seed < 2**32:
+                raise ValueError(f"seed {seed}")
             ok = (a["mean"].shape == (dim,) and a["codebook"].shape == (pd, 1 << bits) and a["scale"].shape == (n,)
                   and a["codes"].shape == (n, bitpack.packed_size(pd, bits)))
             if not ok or (m["store"] != "none") != ("vectors" in a):
                 raise ValueError("section shapes")
         except (KeyError, ValueError, TypeError) as e:
             raise AGPError(f"{path}: snapshot header is inconsistent ({e}); rebuild it") from None
-        idx = cls(dim, bits, int(m["seed"]), a["mean"], a["codebook"], a["scale"], a["codes"], a.get("vectors"),
+        idx = cls(dim, bits, seed, a["mean"], a["codebook"], a["scale"], a["codes"], a.get("vectors"),
                   store=m["store"], path=str(path))
         idx._snapshot = snap
         return idx
@@ -222,6 +242,48 @@ class TQIndex:
         return {"vectors": len(self), "dim": self.dim, "padded_dim": self.padded_dim, "bits": self.bits,
                 "seed": self.seed, "store": self.store, "bytes_per_vector": self.bytes_per_vector,
                 "compression_vs_fp32": round(4 * self.dim / self.bytes_per_vector, 2)}
+
+
+MAX_RESULTS = 1 << 20   # k / rescore / rerank above this would allocate [queries, k] beyond reason
+
+
+def _check_search_sizes(k: int, rerank: int, rescore: int | None) -> None:
+    for name, value in (("k", k), ("rerank", rerank), ("rescore", rescore if rescore is not None else 1)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise AGPError(f"{name} must be an integer, got {value!r}")
+        if value > MAX_RESULTS:
+            raise AGPError(f"{name} = {value} is more than {MAX_RESULTS} results per query; ask for fewer")
+    if k < 1:
+        raise AGPError(f"k must be >= 1, got {k}")
+    if rerank < 0 or (rescore is not None and rescore < 1):
+        raise AGPError(f"rerank must be >= 0 and rescore >= 1, got rerank {rerank}, rescore {rescore}")
+    if 0 < rerank < k:
+        raise AGPError(f"rerank {rerank} is less than k {k}: it would return only {rerank} results; "
+                       f"use --rerank 0 or a value >= k")
+
+
+def check_output(out, inputs=(), force: bool = False) -> Path:
+    """The snapshot path to write, refused when writing it would destroy a file AGP did not write:
+    an input of the same command, a directory, or (without `force`) an existing non-.tqidx file."""
+    if not str(out).strip():
+        raise AGPError("the snapshot path is empty; name the .tqidx file to write")
+    path = Path(out)
+    for src in inputs:
+        if isinstance(src, (str, Path)) and _same_file(path, Path(src)):
+            raise AGPError(f"{out} is also the input {src}; writing the snapshot would overwrite it, "
+                           f"choose another output path (e.g. {path.with_suffix('.tqidx')})")
+    if path.is_dir():
+        raise AGPError(f"{out} is a directory; give a file path for the snapshot (e.g. {path / 'index.tqidx'})")
+    if path.exists() and not force and not snapshot.is_snapshot(path):
+        raise AGPError(f"{out} exists and is not a .tqidx snapshot; choose another path, or pass --force to replace it")
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _store_dtype(store: str):

@@ -250,6 +250,10 @@ class Payload:
             parts += [qcodec.write_varint(len(self.kv_summary)), bytes(self.kv_summary)]
         if not self.residual:
             raise AGPError("payload residual is empty: encode the hidden state with a codec first")
+        # the sender checks what every receiver checks: a blob its own decoder rejects is never sent
+        for blob in (self.residual, self.kv_summary):
+            if blob is not None:
+                registry.check_blob(blob)
         parts.append(bytes(self.residual))
         return b"".join(parts)
 

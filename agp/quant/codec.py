@@ -31,6 +31,24 @@ class CodecError(AGPError):
     """Codec bytes that cannot be decoded (names the reason and the offset)."""
 
 
+class CodecRangeError(CodecError):
+    """Finite values a codec cannot represent: refused at encode time, so no blob is ever written
+    that its own decoder would reject or that silently changed the values."""
+
+
+FP16_MAX = 65504.0
+Q8_MAX_ABS = FP16_MAX * 127   # the block scale max|x|/127 is stored as fp16
+
+
+def check_range(rows: np.ndarray, limit: float, codec: str, why: str) -> None:
+    """Refuse rows holding |value| > limit (names the first element and the way out)."""
+    over = np.abs(rows) > limit
+    if over.any():
+        flat = int(np.flatnonzero(over)[0])
+        raise CodecRangeError(f"{codec} cannot encode {float(rows.flat[flat]):.6g} at element {flat}: {why} "
+                              f"(|x| <= {limit:.6g}); scale the array down or use the f32 codec")
+
+
 def write_varint(n: int) -> bytes:
     """LEB128 encoding of a non-negative int."""
     if n < 0:
@@ -189,7 +207,7 @@ class F32(_Raw):
 
 
 class FP16(_Raw):
-    """IEEE half precision (values beyond ±65504 saturate). Decode is a zero-copy float16 view."""
+    """IEEE half precision (values beyond ±65504 are refused, never clamped). Decode is a zero-copy float16 view."""
 
     name = "fp16"
     codec_id = 1
@@ -198,8 +216,8 @@ class FP16(_Raw):
 
     def encode(self, array) -> bytes:
         rows, shape = as_rows(array)
-        half = np.clip(rows, -65504, 65504).astype("<f2")
-        return write_header(self.codec_id, self.version, shape) + half.tobytes()
+        check_range(rows, FP16_MAX, "fp16", "it is beyond the largest half-precision value")
+        return write_header(self.codec_id, self.version, shape) + rows.astype("<f2").tobytes()
 
 
 Q8_BLOCK = 32
@@ -219,6 +237,7 @@ class Q8_0(Codec):
 
     def encode(self, array) -> bytes:
         rows, shape = as_rows(array)
+        check_range(rows, Q8_MAX_ABS, "q8_0", "its block scale max|x|/127 would overflow fp16")
         n, d = rows.shape
         nb = -(-d // Q8_BLOCK)
         x = np.zeros((n, nb * Q8_BLOCK), np.float32)

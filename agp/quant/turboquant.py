@@ -36,7 +36,7 @@ import numpy as np
 
 from agp.errors import AGPError
 from agp.quant import bitpack, lloyd_max
-from agp.quant.codec import Codec, CodecError, as_rows, expect_len, read_varint, write_header, write_varint
+from agp.quant.codec import Codec, CodecError, CodecRangeError, as_rows, expect_len, read_varint, write_header, write_varint
 from agp.quant.rotation import Rotation
 
 VERSION = 1
@@ -127,7 +127,12 @@ class TurboQuant(Codec):
             raise AGPError(f"TurboQuant(dim={self.dim}).encode_batch expects [N, {self.dim}], got {x.shape}")
         if self.center is not None:
             x = x - self.center
-        norms = np.linalg.norm(x, axis=1).astype(np.float32)
+        with np.errstate(over="ignore"):   # an overflowing norm is refused just below
+            norms = np.linalg.norm(x, axis=1).astype(np.float32)
+        if not np.all(np.isfinite(norms)):
+            row = int(np.flatnonzero(~np.isfinite(norms))[0])
+            raise CodecRangeError(f"turboquant cannot encode row {row}: its norm overflows float32 (values up to "
+                                  f"{float(np.abs(x[row]).max()):.3g}); scale the array down or use the f32 codec")
         unit = x / np.where(norms > 0, norms, 1)[:, None]
         y = self.rotation.apply(unit)
         idx = lloyd_max.quantize(y, self.codebook, self._bounds)
