@@ -91,7 +91,7 @@ def add_arguments(group, cls, stage: str, aliases: dict[str, list[str]] | None =
                                default=argparse.SUPPRESS, help=f"{text} (default {default})")
             continue
         extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
-        group.add_argument(*names, dest=dest, type=_parser(base, flag), default=argparse.SUPPRESS,
+        group.add_argument(*names, dest=dest, type=_parser(base, flag, cls, f.name), default=argparse.SUPPRESS,
                            metavar=_metavar(base), help=f"{text} (default {_show(default)})", **extra)
 
 
@@ -139,16 +139,23 @@ def _base_type(kind):
     return kind if kind in (int, float, str, bool) else str
 
 
-def _parser(base, flag: str):
+def _parser(base, flag: str, cls, name: str):
+    """Text -> value, refused at parse time when the config's own `validate()` rejects it."""
     def parse(text: str):
         if text.lower() == "none":
             return None
         try:
-            if base is list:
-                return [_scalar(item) for item in text.split(",") if item.strip()]
-            return base(text)
+            value = [_scalar(item) for item in text.split(",") if item.strip()] if base is list else base(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{flag} expects {_metavar(base)}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expects {_metavar(base)}, got {text!r}") from None
+        if hasattr(cls, "validate"):
+            probe = cls()
+            setattr(probe, name, value)
+            try:
+                probe.validate()
+            except AGPError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        return value
     return parse
 
 

@@ -42,7 +42,7 @@ def test_flags_are_validated():
     with pytest.raises(SystemExit):   # refused by argparse itself, before anything runs
         p.parse_args(["--adapter-iters", "0"])
     with pytest.raises(AGPError, match="--adapter-iters must be at least 1"):   # library callers too
-        adapter.config_from(argparse.Namespace(adapter_iters=0))
+        adapter.config_from(argparse.Namespace(adapter__iters=0))
 
 
 def test_probe_positions():
