@@ -280,12 +280,20 @@ def test_broken_pipe_is_quiet(command, tmp_path, monkeypatch, capsys):
 
 def test_early_ctrl_c_is_one_line():
     """Ctrl-C while the CLI is still importing: before, a long traceback from inside the imports;
-    after, one line and exit 130 (or the signal itself, if it lands before Python is up)."""
-    proc = subprocess.Popen([sys.executable, "-m", "agp.cli", "bench", "codecs", "--n", "1"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.6)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert "Traceback" not in err, err
-    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
-    assert len(err.strip().splitlines()) <= 1, err
+    after, one line and exit 130 (or the signal itself, if it lands before Python is up).
+    On a loaded machine one delay can miss the import window (the command then finishes before
+    the signal matters), so a few delays are tried; none may print a traceback."""
+    outcomes = []
+    for delay in (0.6, 1.0, 1.6):
+        proc = subprocess.Popen([sys.executable, "-m", "agp.cli", "bench", "codecs", "--n", "1", "--source",
+                                 "synthetic", "--dims", "64"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert "Traceback" not in err, err
+        outcomes.append((proc.returncode, err))
+        if proc.returncode in (130, -signal.SIGINT):
+            assert len(err.strip().splitlines()) <= 1, err
+            return
+    raise AssertionError(f"no attempt was interrupted: {outcomes}")
