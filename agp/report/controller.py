@@ -12,9 +12,10 @@ from agp.calibrate.temperature import softmax
 from agp.oracle.labels import ROUTES
 
 
-def write_report(out, m, abstain, cal, probs, y, sweep_rows=()) -> None:
-    """Write <run>/controller/report.md and its PNGs. `cal` holds the per-task calibration (with
-    held-out figures), `probs` the calibrated held-out route probabilities and `y` their labels."""
+def write_report(out, m, probs, y, sweep_rows=()) -> None:
+    """Write <run>/controller/report.md and its PNGs from the stage metrics `m`, the calibrated
+    held-out route probabilities `probs`, their labels `y` and the label sweep's rows."""
+    cal, abstain = m["controller"]["calibration"], m["controller"]["abstain"]
     _plots(out, m, cal, probs, y)
     sections = [_setup(m), _labels(m, sweep_rows), _route_decision(m, cal), _confusion(m),
                 _vitality_and_earliest(m, cal), _abstain(m, abstain), _savings(m),
