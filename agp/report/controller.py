@@ -12,9 +12,10 @@ from agp.calibrate.temperature import softmax
 from agp.oracle.labels import ROUTES
 
 
-def write_report(out, m, abstain, cal, probs, y, sweep_rows=()) -> None:
-    """Write <run>/controller/report.md and its PNGs. `cal` holds the per-task calibration (with
-    held-out figures), `probs` the calibrated held-out route probabilities and `y` their labels."""
+def write_report(out, m, probs, y, sweep_rows=()) -> None:
+    """Write <run>/controller/report.md and its PNGs from the stage metrics `m`, the calibrated
+    held-out route probabilities `probs`, their labels `y` and the label sweep's rows."""
+    cal, abstain = m["controller"]["calibration"], m["controller"]["abstain"]
     _plots(out, m, cal, probs, y)
     sections = [_setup(m), _labels(m, sweep_rows), _route_decision(m, cal), _confusion(m),
                 _vitality_and_earliest(m, cal), _abstain(m, abstain), _savings(m),
@@ -193,6 +194,13 @@ def _plots(out, m, cal, probs, y) -> None:
         save(frontier, out / "safety_frontier.png")
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str, legend_size: int = 7) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size)
+
+
 def _reliability_plot(plt, cal, probs, y):
     """The route head's reliability diagram, before and after temperature scaling."""
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
@@ -205,10 +213,7 @@ def _reliability_plot(plt, cal, probs, y):
         ok = np.array(r["count"]) > 0
         ax.plot(np.array(r["conf"])[ok], np.array(r["acc"])[ok], "o-", color=colour, label=label)
     ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set_xlabel("confidence (15 bins)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Route head reliability (held-out)", fontsize=9)
-    ax.legend(fontsize=7)
+    _label(ax, "confidence (15 bins)", "accuracy", "Route head reliability (held-out)")
     return fig
 
 
@@ -218,10 +223,7 @@ def _gate_plot(plt, m):
     ax.plot(abstain["sweep"]["acceptance"], abstain["sweep"]["error"], ".-")
     ax.plot([abstain["acceptance"]], [abstain["error_accepted"] or 0], "r*", ms=12,
             label=f"chosen gate {abstain['gate']:.2f}")
-    ax.set_xlabel("acceptance rate (decisions not abstained)")
-    ax.set_ylabel("error among accepted")
-    ax.set_title("Confidence-gate sweep (held-out)", fontsize=9)
-    ax.legend(fontsize=7)
+    _label(ax, "acceptance rate (decisions not abstained)", "error among accepted", "Confidence-gate sweep (held-out)")
     return fig
 
 
@@ -232,10 +234,8 @@ def _savings_plot(plt, m):
         ax.plot([p["agreement"] for p in pts], [p["layer_savings"] for p in pts], ".-", label=name)
     oracle = next(iter(m["savings"]["oracle (ceiling)"].values()))
     ax.plot([oracle["agreement"]], [oracle["layer_savings"]], "k*", ms=12, label="oracle (ceiling)")
-    ax.set_xlabel("top-1 agreement with full depth")
-    ax.set_ylabel("layer savings (fraction of layers skipped)")
-    ax.set_title("Exit policies on held-out positions", fontsize=9)
-    ax.legend(fontsize=6)
+    _label(ax, "top-1 agreement with full depth", "layer savings (fraction of layers skipped)",
+           "Exit policies on held-out positions", legend_size=6)
     return fig
 
 
@@ -253,10 +253,7 @@ def _frontier_plot(plt, c):
     ci = c["policy_recall_ci90_by_prompt"]
     ax.plot([ci["escalate"]["recall"]], [ci["revive_local"]["recall"]], "r*", ms=12, label="deployed policy")
     ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set_xlabel("escalate recall")
-    ax.set_ylabel("revive_local recall")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
-    ax.set_title("Reachable safety recalls (held-out, every threshold pair)", fontsize=9)
-    ax.legend(fontsize=7)
+    _label(ax, "escalate recall", "revive_local recall", "Reachable safety recalls (held-out, every threshold pair)")
     return fig

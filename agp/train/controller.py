@@ -107,7 +107,7 @@ def run(run, args) -> dict:
     timings["load_s"] = time.perf_counter() - t_start
 
     step_start = time.perf_counter()
-    probes = collect(backbone, prompts.rows, cfg, layers.probe, layers.decision, layers.read)
+    probes = collect(backbone, prompts.rows, cfg, layers)
     timings["oracle_probes_s"] = time.perf_counter() - step_start
     labels = label(probes, layers, cfg)
     io.write_json(out / "sweep.json", labels.sweep)
@@ -128,8 +128,7 @@ def run(run, args) -> dict:
                             calibration, compared, savings, timings)
     timings["before_report_s"] = time.perf_counter() - t_start
     from agp.report.controller import write_report
-    write_report(out, metrics, calibration.abstain, calibration.tasks, calibration.route_heldout,
-                 heads.targets["heldout"]["route"], labels.sweep["rows"])
+    write_report(out, metrics, calibration.route_heldout, heads.targets["heldout"]["route"], labels.sweep["rows"])
     timings["total_s"] = time.perf_counter() - t_start
     run.manifest.setdefault("datasets", {})["controller/oracle.npz"] = metrics["dataset"]["sha256_oracle"]
     run.update_stage(NAME, artifacts={"heads_dir": str(out / "heads"), "oracle": str(out / "oracle.npz"),
@@ -253,14 +252,14 @@ class Probes:
 PROBE_STATS = ("kl", "agree", "margin", "entropy", "p1", "teacher_margin", "teacher_entropy")
 
 
-def collect(backbone, rows, cfg, probe, decision, read, progress=True) -> Probes:
+def collect(backbone, rows, cfg: ControllerArgs, layers: Layers, progress=True) -> Probes:
     """Hidden states and probe statistics for every prompt. Tuned-lens translators are cross-fitted
     (docs/labels.md): prompts fall into `lens_folds` folds by sha256(id), and each fold is probed
     with translators fitted on the other folds only, so no label comes from a translator that saw
     its prompt (fitted in-sample, the ridge maps overfit and train labels would look easier than
     held-out ones)."""
-    n_layers = backbone.n_layers
-    wanted = sorted(set(probe) | set(read) | {decision - 1, n_layers})
+    n_layers, probe, decision = layers.n, layers.probe, layers.decision
+    wanted = sorted(set(probe) | set(layers.read) | {decision - 1, n_layers})
     prompts = _hidden_states(backbone, rows, cfg, probe, wanted, progress)
     folds = sorted({p["fold"] for p in prompts})
     if cfg.tuned_lens and len(folds) < 2:
