@@ -27,9 +27,8 @@ LAYERS = {
     "commands": 10, "bench": 10, "cli": 10,   # applications
 }
 APPS = {"commands", "bench", "cli"}
-# report/build.py reads the curriculum order from agp.train until agp/stages.py (issue 14, the
-# lead's part) takes it over; delete this entry then.
-ALLOWED_UPWARD = {("agp.report.build", "agp.train")}
+# upward imports allowed by name: none (report/build.py reads the order from agp.stages)
+ALLOWED_UPWARD: set[tuple[str, str]] = set()
 
 
 def modules() -> dict[str, Path]:
