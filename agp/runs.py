@@ -104,6 +104,28 @@ class Run:
                            f"run `agp run --stage {stage}` first")
         return rec
 
+    def relative(self, path) -> str:
+        """`path` as recorded in the manifest: relative to the run directory, so a copied or moved
+        run (or one read from another working directory) still finds its files."""
+        try:
+            return str(Path(path).resolve().relative_to(self.path.resolve()))
+        except ValueError:
+            return str(Path(path).resolve())
+
+    def artifact(self, stage: str, key: str) -> Path | None:
+        """The file or folder a stage recorded under `artifacts[key]`, resolved against this run.
+
+        Older manifests hold paths relative to the working directory of the run that wrote them;
+        their part after `<run_id>/` is taken as relative to the run, so copies keep working."""
+        recorded = (self.stage(stage).get("artifacts") or {}).get(key)
+        if not recorded:
+            return None
+        path = Path(recorded)
+        if not path.is_absolute():
+            marker = f"{self.id}/"
+            return self.path / (recorded.split(marker, 1)[1] if marker in recorded else recorded)
+        return path
+
     def update_stage(self, stage: str, **fields) -> None:
         """Merge fields into a stage's manifest record and rewrite the manifest atomically."""
         self.manifest.setdefault("stages", {}).setdefault(stage, {}).update(fields)

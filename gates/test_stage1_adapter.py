@@ -43,12 +43,12 @@ def test_adapter_reloads_and_reproduces_the_saved_evaluation(rec, agp_run):
     from agp.backbone.backbone import load
     from agp.train import nll
     m = rec["metrics"]
-    adapter_dir = rec["artifacts"]["adapter_dir"]
+    adapter_dir = str(agp_run.artifact("adapter", "adapter_dir"))
     cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["agp"]
     assert io.sha256_file(Path(adapter_dir) / "adapters.safetensors") == m["adapter"]["weights_sha256"]
     bb = load.__wrapped__(cfg["base_model"], adapter=adapter_dir)
     spec = m["eval_set"]
-    held = {r["id"]: r for r in load_lane(rec["artifacts"]["data_dir"], "sft", "heldout")}
+    held = {r["id"]: r for r in load_lane(agp_run.artifact("adapter", "data_dir"), "sft", "heldout")}
     rows = [held[i] for i in spec["heldout_ids"]]
     # without the lens pass: the NLL is the same number (tests/test_adapter_cli.py checks), and cheaper
     again = nll.evaluate(bb, nll.encode_rows(bb, rows, spec["max_seq"]), 0, "gate reload")
@@ -61,7 +61,7 @@ def test_adapter_reloads_and_reproduces_the_saved_evaluation(rec, agp_run):
 def test_adapter_metadata_and_base_check(rec, agp_run, tmp_path):
     from agp.backbone.backbone import load
     base = stage_record(agp_run, "baseline")["metrics"]["model"]["fingerprint"]
-    adapter_dir = Path(rec["artifacts"]["adapter_dir"])
+    adapter_dir = agp_run.artifact("adapter", "adapter_dir")
     meta = json.loads((adapter_dir / "adapter_config.json").read_text())["agp"]
     assert meta["base_fingerprint"] == base
     assert meta["steps"] == rec["metrics"]["train"]["steps"] >= 1 and meta["rank"] >= 1 and meta["blocks"]
@@ -76,7 +76,7 @@ def test_adapter_metadata_and_base_check(rec, agp_run, tmp_path):
 
 
 def test_filter_counts_and_lane_checksums_recorded(rec, agp_run):
-    data_dir = Path(rec["artifacts"]["data_dir"])
+    data_dir = agp_run.artifact("adapter", "data_dir")
     man = load_manifest(data_dir)
     assert list(man["rules"]) and set(man["rules"]) == {n for n, _ in RULES}
     for name, c in man["rules"].items():

@@ -11,6 +11,7 @@ import pytest
 from agp import io
 from agp.cli import main
 from agp.errors import AGPError
+from agp.runs import Run
 
 FX = Path(__file__).resolve().parents[1] / "fixtures" / "transcripts"
 ARGS = ["--no-gates", "--baseline-prompts", "1", "--baseline-decode-tokens", "2",
@@ -26,7 +27,12 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
         rc = main(["run", "--stage", stage, "--runs", str(root), "--model", tiny_model_dir["gemma3_text"], *ARGS])
         assert rc == 0, stage
     run_dir = (root / "latest").resolve()
-    return run_dir, json.loads((run_dir / "manifest.json").read_text())
+    man = json.loads((run_dir / "manifest.json").read_text())
+    recorded = man["stages"]["adapter"]["artifacts"]
+    assert recorded["adapter_dir"] == "adapter/adapter", "artifacts are recorded relative to the run"
+    run = Run(run_dir)
+    man["stages"]["adapter"]["artifacts"] = {k: str(run.artifact("adapter", k)) for k in recorded}
+    return run_dir, man
 
 
 def test_run_baseline_then_adapter(tiny_run):

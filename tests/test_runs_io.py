@@ -83,3 +83,17 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
             raise RuntimeError("interrupted")
     assert (dest / "a.txt").read_text() == "one"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no temp directory may be left behind"
+
+
+def test_artifacts_are_recorded_relative_to_the_run_and_survive_a_copy(tmp_path):
+    import shutil
+    run = runs.new_run(tmp_path / "a", argv=["run"])
+    weights = run.stage_dir("adapter") / "adapter"
+    weights.mkdir()
+    run.update_stage("adapter", status="done", artifacts={"adapter_dir": run.relative(weights),
+                                                          "old_style": f"runs/{run.id}/adapter/adapter"})
+    assert run.stage("adapter")["artifacts"]["adapter_dir"] == "adapter/adapter"
+    copy = runs.Run(shutil.copytree(run.path, tmp_path / "b" / run.id))
+    assert copy.artifact("adapter", "adapter_dir") == copy.path / "adapter" / "adapter"
+    assert copy.artifact("adapter", "old_style") == copy.path / "adapter" / "adapter", "older cwd-relative paths"
+    assert copy.artifact("adapter", "missing") is None

@@ -113,8 +113,8 @@ def run(run, args) -> dict:
         {f"adapter/data/{lane}/{s}.jsonl": v["sha256"] for lane, splits in lanes.manifest["lanes"].items()
          for s, v in splits.items()})
     run.manifest["datasets"]["adapter/data/manifest.json"] = metrics["data"]["manifest_sha256"]
-    run.update_stage(NAME, artifacts={"adapter_dir": str(adapter_dir), "data_dir": str(lanes.data_dir),
-                                      "eval": str(out / "eval.json")})
+    run.update_stage(NAME, artifacts={"adapter_dir": run.relative(adapter_dir), "data_dir": run.relative(lanes.data_dir),
+                                      "eval": run.relative(out / "eval.json")})
     return metrics
 
 

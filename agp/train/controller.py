@@ -131,8 +131,8 @@ def run(run, args) -> dict:
     write_report(out, metrics, calibration.route_heldout, heads.targets["heldout"]["route"], labels.sweep["rows"])
     timings["total_s"] = time.perf_counter() - t_start
     run.manifest.setdefault("datasets", {})["controller/oracle.npz"] = metrics["dataset"]["sha256_oracle"]
-    run.update_stage(NAME, artifacts={"heads_dir": str(out / "heads"), "oracle": str(out / "oracle.npz"),
-                                      "decisions": str(out / "decisions.jsonl")})
+    run.update_stage(NAME, artifacts={"heads_dir": run.relative(out / "heads"), "oracle": run.relative(out / "oracle.npz"),
+                                      "decisions": run.relative(out / "decisions.jsonl")})
     return _clean(metrics)
 
 
@@ -150,8 +150,8 @@ def source(run) -> Source:
     """Backbone and prompts: the adapter + routing lane when stage 1 finished, else base + baseline pack."""
     adapter = run.stage("adapter")
     if adapter.get("status") == "done":
-        adapter_dir = (adapter.get("artifacts") or {}).get("adapter_dir")
-        if not adapter_dir or not Path(adapter_dir).exists():
+        adapter_dir = run.artifact("adapter", "adapter_dir")
+        if not adapter_dir or not adapter_dir.exists():
             raise AGPError(f"adapter stage of {run.path} finished but its adapter_dir ({adapter_dir}) is missing; "
                            f"rerun `agp run --stage adapter`")
         lane = run.path / "adapter" / "data" / "routing"
