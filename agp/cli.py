@@ -9,7 +9,7 @@ import agp  # noqa: F401  (fast BLAS before anything imports mlx)
 from agp.errors import AGPError
 
 # Each module defines `add_parser(subparsers)` which sets `func` on its parser.
-COMMANDS = ["run", "bench", "model", "data", "index"]
+COMMANDS = ["run", "bench", "model", "data", "index", "generate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
