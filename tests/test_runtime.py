@@ -147,3 +147,77 @@ def test_real_270m_full_equals_mlx_lm_short_and_past_the_window():
     ids = bb.encode(long_text, max_tokens=640, truncate=True)
     assert len(ids) == 640
     assert ours(bb, ids, 16)[0] == mlx_lm_tokens(bb, ids, 16)
+
+
+def teacher_forced_top1(bb, ids):
+    return mx.argmax(bb.forward(mx.array([ids]))[0], axis=-1).tolist()
+
+
+@pytest.mark.parametrize("threshold", [0.12, 0.2])
+def test_entropy_mode_catches_up_skipped_layers_exactly(long_tiny, threshold):
+    """A token that goes full depth after early exits must see exact KV for the exited positions:
+    its token equals the full model's greedy choice on the same (partly exited) prefix."""
+    bb = long_tiny
+    heads = all_vocab_heads(bb, 3)
+    ids = bb.encode("for i in range(3):\n    print(i)\n" * 12)[:300]
+    g = Generator(bb, "entropy", heads, GenerateArgs(max_new_tokens=30, entropy_threshold=threshold))
+    evs = list(g.generate(ids))
+    seq = ids + [e.token for e in evs]
+    ref = teacher_forced_top1(bb, seq[:-1])
+    actions = [e.action for e in evs]
+    assert "exit" in actions and "full" in actions
+    for e in evs:
+        if e.action == "full":
+            assert e.token == ref[e.position - 1]
+    assert g.decoder.catchup_tokens > 0
+
+
+def test_entropy_extremes_equal_full_and_exit(long_tiny):
+    bb = long_tiny
+    heads = all_vocab_heads(bb, 4)
+    ids = bb.encode(TEXT)
+    full, _ = ours(bb, ids, 12)
+    assert ours(bb, ids, 12, "entropy", heads, entropy_threshold=1.01)[0] == full
+    assert ours(bb, ids, 12, "entropy", heads, entropy_threshold=0.0)[0] == ours(bb, ids, 12, "exit:4", heads)[0]
+
+
+def test_exit_mode_equals_the_lens_at_L(long_tiny):
+    """exit:L with the identity all-vocab head is the logit lens at L, fed its own tokens."""
+    bb = long_tiny
+    heads = all_vocab_heads(bb, 4)
+    ids = bb.encode(TEXT)
+    toks, s = ours(bb, ids, 6, "exit:4", heads)
+    seq = list(ids)
+    for t in toks:
+        _, hid = bb.capture(mx.array([seq]), [4])
+        assert t == int(mx.argmax(bb.head(hid[4][:, -1]), axis=-1).item())
+        seq.append(t)
+    assert s.to_dict()["mean_layers"] == 4 and s.to_dict()["mac_ratio_vs_full"] < 1
+    with pytest.raises(AGPError, match="no exit head at layer 2"):
+        Generator(bb, "exit:2", heads)
+
+
+def tiny_controller(n_in, d, read):
+    from agp.heads.controller import Controller, HeadArgs
+    mx.random.seed(1)
+    ctl = Controller(n_in, {"route": 4}, HeadArgs(hidden=8))
+    cal = {"temperatures": {"route": 1.0}, "thresholds": {"accept_local": 0.3, "escalate": 0.3, "revive_local": 0.3},
+           "abstain_gate": 0.0, "decision_layer": d, "read_layers": read}
+    return ctl, cal
+
+
+def test_routed_mode_runs_every_action_and_never_reads_stale_kv(long_tiny):
+    bb = long_tiny
+    heads = RuntimeHeads(exits={3: ExitHead.identity(bb, 3, np.arange(bb.vocab_size)),
+                                5: ExitHead.identity(bb, 5, np.arange(bb.vocab_size))},
+                         draft_layer=3, meta={"late_boundary": [5]})
+    heads.controller = tiny_controller(2 * bb.hidden_size, 3, [2, 3])
+    ids = bb.encode("for i in range(3):\n    print(i)\n" * 12)[:200]
+    g = Generator(bb, "routed", heads, GenerateArgs(max_new_tokens=40))
+    evs = list(g.generate(ids))
+    seq = ids + [e.token for e in evs]
+    ref = teacher_forced_top1(bb, seq[:-1])
+    for e in evs:
+        if e.action in ("escalate", "revive_local"):
+            assert e.token == ref[e.position - 1]
+    assert len(evs) == 40 and len({e.action for e in evs}) >= 2

@@ -14,6 +14,7 @@ class Event:
     macs: int            # MACs attributed to this token (its round's MACs / tokens emitted in the round)
     reads: int           # weight elements read, attributed the same way
     position: int        # index in the full sequence (prompt included)
+    round: int = 0       # which decoder step emitted it (a speculative round emits several)
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Summary:
     full_macs: int = 0           # what full depth would have cost for the same tokens
     full_reads: int = 0
     actions: dict = field(default_factory=dict)
-    rounds: int = 0              # speculative rounds (one verify pass each)
+    rounds: int = 0              # decoder steps (speculative: verify passes)
     drafted: int = 0
     accepted: int = 0
     interrupted: bool = False
@@ -57,7 +58,7 @@ class Summary:
                 "actions": dict(self.actions), "rounds": self.rounds, "drafted": self.drafted,
                 "accepted": self.accepted,
                 "acceptance": self.accepted / self.drafted if self.drafted else None,
-                "mean_accepted_length": self.accepted / self.rounds if self.rounds else None,
+                "mean_accepted_length": self.accepted / self.rounds if self.rounds and self.drafted else None,
                 "tokens_per_round": self.tokens / self.rounds if self.rounds else None,
                 "interrupted": self.interrupted, "n_layers": self.n_layers}
 
@@ -67,7 +68,7 @@ class Summary:
         mac = f"{d['mac_ratio_vs_full']:.3f}x" if d["mac_ratio_vs_full"] else "-"
         rd = f"{d['read_ratio_vs_full']:.3f}x" if d["read_ratio_vs_full"] else "-"
         acts = ",".join(f"{k}={v}" for k, v in sorted(self.actions.items())) or "-"
-        acc = (f"{d['acceptance']:.2f} ({self.accepted}/{self.drafted}, {d['mean_accepted_length']:.2f}/round)"
+        acc = (f"{d['acceptance']:.2f} ({self.accepted}/{self.drafted}, {d['tokens_per_round']:.2f} tokens/round)"
                if d["acceptance"] is not None else "-")
         flag = " [interrupted]" if self.interrupted else ""
         return (f"[{self.mode}] {self.tokens} tokens, {tok_s}, mean layers {d['mean_layers']:.2f}/{self.n_layers}, "

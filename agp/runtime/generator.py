@@ -26,6 +26,7 @@ class GenerateArgs(ConfigMixin):
     draft_min_confidence: float = 0.3   # speculative: stop drafting below this shortlist top-1 probability
     entropy_threshold: float = 0.9  # entropy mode: exit when the exit head's top-1 probability is at least this
     stop_at_eos: bool = True
+    mode: str = "full"             # set by Generator
 
 
 def decoder_class(mode: str):
@@ -51,7 +52,9 @@ class Generator:
         if self.args.max_new_tokens <= 0:
             raise AGPError(f"--max-new-tokens must be at least 1, got {self.args.max_new_tokens}")
         self.costs = CostModel(bb)
-        self.decoder = decoder_class(mode)(bb, self.costs, heads, self.args)
+        cls = decoder_class(mode)
+        self.args.mode = mode
+        self.decoder = cls(bb, self.costs, heads, self.args)
         self.mode = getattr(self.decoder, "name", mode)
         self.summary = Summary(mode=self.mode, n_layers=bb.n_layers)
 
@@ -79,7 +82,7 @@ class Generator:
         while not done and s.tokens < self.args.max_new_tokens:
             r = self.decoder.round(self.args.max_new_tokens - s.tokens)
             s.decode_s = time.perf_counter() - t1
-            s.rounds += 1 if self.mode == "speculative" else 0
+            s.rounds += 1
             s.drafted += r.drafted
             s.accepted += r.accepted
             k = len(r.tokens)
@@ -88,7 +91,8 @@ class Generator:
                     done = True   # like mlx-lm: the EOS token ends generation and is not emitted
                     break
                 detok.add_token(tok)
-                ev = Event(tok, detok.last_segment, action, layers, r.cost.macs // k, r.cost.reads // k, position)
+                ev = Event(tok, detok.last_segment, action, layers, r.cost.macs // k, r.cost.reads // k, position,
+                           s.rounds)
                 full = self.costs.full_token(position)
                 s.add(ev, full.macs, full.reads)
                 position += 1

@@ -43,18 +43,19 @@ def needs_heads(mode: str) -> bool:
     return mode != "full"
 
 
-def backbone_source(run) -> dict:
-    """The backbone the run's runtime heads were made on: {'adapter_dir': ... or None, 'fingerprint': ...}."""
+def backbone_source(run, finished: bool = True) -> dict:
+    """The backbone the run's runtime heads were made on: {'adapter_dir': ... or None, 'fingerprint': ...}.
+    `finished=False` is for the runtime stage itself, which loads its heads before it is done."""
     meta_path = runtime_dir(run) / "runtime.json"
-    if run.stage(STAGE).get("status") != "done" or not meta_path.exists():
+    if (finished and run.stage(STAGE).get("status") != "done") or not meta_path.exists():
         raise AGPError(f"run {run.path} has no finished 'runtime' stage (its exit heads); "
                        f"run `agp run --stage runtime` first")
     return json.loads(meta_path.read_text())
 
 
-def load(run, bb, mode: str) -> RuntimeHeads:
+def load(run, bb, mode: str, finished: bool = True) -> RuntimeHeads:
     """Heads for `mode` from `run`, checked against `bb`'s fingerprint and for NaN."""
-    meta = backbone_source(run)
+    meta = backbone_source(run, finished)
     if meta.get("model_fingerprint") != bb.fingerprint:
         raise AGPError(f"run {run.path} was made for another model (fingerprint {str(meta.get('model_fingerprint'))[:12]}, "
                        f"this backbone {bb.fingerprint[:12]}); use that run's model or rerun `agp run --stage runtime`")

@@ -16,6 +16,7 @@ ORDER = [
     ("baseline", "agp.train.baseline"),
     ("adapter", "agp.train.adapter"),
     ("controller", "agp.train.controller"),
+    ("runtime", "agp.train.runtime"),
     ("depth", "agp.train.depth"),
     ("semantic", "agp.train.semantic"),
     ("transfer", "agp.train.transfer"),

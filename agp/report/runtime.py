@@ -1,0 +1,66 @@
+"""Stage `runtime` report fragment: benchmark table, exit-layer x V sweep, time profile, frontier plot."""
+from __future__ import annotations
+
+from agp import io
+
+
+def _f(x, fmt="{:.3f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def _prompts(m) -> str:
+    return ", ".join(f"{p['name']} ({p['tokens']} tok)" for p in m["bench"]["prompts"])
+
+
+def frontier_plot(table: list[dict], path) -> None:
+    """Token agreement with full depth vs MACs per token (ratio to full depth), one point per method."""
+    from agp.report.plots import plt, save
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    groups = {"exit:": ("s", "tab:orange"), "entropy": ("^", "tab:green"), "routed": ("*", "tab:red"),
+              "speculative": ("D", "tab:blue"), "full": ("o", "black")}
+    for row in table:
+        if row["mode"] == "mlx_lm.generate" or row["mac_ratio_vs_full"] is None:
+            continue
+        marker, color = next((v for k, v in groups.items() if row["mode"].startswith(k)), ("x", "grey"))
+        ax.plot(row["mac_ratio_vs_full"], row["agreement_vs_full"], marker, color=color, ms=9 if marker == "*" else 6)
+        ax.annotate(row["mode"], (row["mac_ratio_vs_full"], row["agreement_vs_full"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("MACs per emitted token / full depth")
+    ax.set_ylabel("token agreement with full-depth greedy")
+    ax.set_ylim(-0.02, 1.05)
+    ax.grid(alpha=0.3)
+    ax.set_title("Quality vs compute (held-out prompts; up-left is better)", fontsize=9)
+    save(fig, path)
+
+
+def write_report(out, m: dict) -> None:
+    frontier_plot(m["bench"]["table"], out / "frontier.png")
+    lines = ["## Stage runtime — generation modes measured against full depth\n",
+             f"Backbone: {m['backbone']}. Prompts: {_prompts(m)}; "
+             f"{m['config']['bench_new_tokens']} new tokens each, greedy. Ratios are within this run.\n",
+             "| mode | tok/s vs mlx-lm (per prompt) | ms/token p50 / p95 | MACs vs full | weight reads vs full | "
+             "mean layers | agreement vs full | identical | acceptance | tokens/round |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in m["bench"]["table"]:
+        per = ", ".join(f"{v:.2f}" for v in r["tok_s_ratio_per_prompt"].values())
+        lines.append(f"| {r['mode']} | {r['tok_s_ratio_vs_mlx_lm']:.2f} ({per}) | {_f(r['ms_per_token_p50'], '{:.0f}')} / "
+                     f"{_f(r['ms_per_token_p95'], '{:.0f}')} | {_f(r['mac_ratio_vs_full'])} | {_f(r['read_ratio_vs_full'])} | "
+                     f"{_f(r['mean_layers'], '{:.1f}')} | {r['agreement_vs_full']:.3f} | "
+                     f"{sum(r['identical_vs_full'])}/{len(r['identical_vs_full'])} | {_f(r['acceptance'])} | "
+                     f"{_f(r['tokens_per_round'], '{:.2f}')} |")
+    lines += ["", "![frontier](frontier.png)", "",
+              "### Exit heads: exit layer x shortlist size (held-out valid positions)\n",
+              "| E | V | top-1 vs full: identity / ridge / distilled | coverage | KL (shortlist) | exit head ms / MACs | full head ms |",
+              "|---|---|---|---|---|---|---|"]
+    for r in m["sweep"]:
+        lines.append(f"| {r['layer']} | {r['vocab']} | {r['identity']['top1_agree']:.3f} / {r['ridge']['top1_agree']:.3f} / "
+                     f"{r['distilled']['top1_agree']:.3f} | {r['distilled']['coverage']:.3f} | "
+                     f"{r['distilled']['kl_shortlist']:.2f} | {r['exit_head_ms']:.1f} / {r['exit_head_macs'] / 1e6:.1f}M | "
+                     f"{r['full_head_ms']:.1f} |")
+    ch = m["choice"]
+    lines += ["", f"Draft head chosen by the weight-read model: E={ch['draft_layer']}, V={ch['vocab']} "
+              f"(expected {ch['expected_speedup']:.2f}x in weight reads).", "",
+              "### Time profile of one decode step (ms, best of 8)\n",
+              "| " + " | ".join(m["bench"]["profile"]) + " |", "|" + "---|" * len(m["bench"]["profile"]),
+              "| " + " | ".join(_f(v, "{:.1f}") for v in m["bench"]["profile"].values()) + " |", ""]
+    io.write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -1,0 +1,462 @@
+"""Stage `runtime`: shortlist exit heads, then every generation mode measured on the same prompts.
+
+Reads the backbone the controller used (the stage-1 adapter when it finished) and the lanes.
+Steps (each a small function returning a small dataclass):
+  source          backbone + lane rows (train / valid / heldout)
+  collect_states  hidden states after E blocks and after all blocks at train/valid positions
+  sweep_exits     per exit layer E x shortlist size V: identity, ridge and distilled heads;
+                  acceptance (top-1 agreement with full depth), KL, coverage, MACs and ms per call
+  save_heads      one distilled head per exit layer (the V the sweep favours) + runtime.json
+  benchmark       mlx_lm.generate (anchor), full, speculative, exit:L, entropy, routed on held-out
+                  prompts (one over 600 tokens) in one process
+  write_report    metrics, report fragment, quality-vs-MACs frontier plot
+Outputs in <run>/runtime/: exit_heads/L<E>/, runtime.json, sweep.json, bench.json, report.md, PNGs.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from agp import io
+from agp.config import ConfigMixin
+from agp.errors import AGPError
+
+NAME = "runtime"
+MARKER = "stage5"
+REQUIRES = ["baseline", "adapter", "controller"]
+LANES = ("sft", "routing", "semantic")
+SPLITS = ("train", "valid", "heldout")
+
+
+@dataclass
+class RuntimeArgs(ConfigMixin):
+    # CI size: fits the 4-minute budget on 2 shared cores. `real_size()` is the offline size.
+    prompts: int = 96                 # train prompts whose states feed the heads (a quarter as many valid)
+    max_tokens: int = 128             # tokens per prompt for the states (every position is used)
+    exit_layers: list = field(default_factory=lambda: [6, 9, 12, 15])   # 12 = controller D, 15 = late boundary
+    vocabs: list = field(default_factory=lambda: [4096, 16384])
+    head_steps: int = 100             # 150 steps x 256 on 1.5K positions overfit (train KL 0.15, valid 1.9)
+    head_batch: int = 128
+    bench_prompts: int = 3            # held-out prompts decoded by every mode (plus one over 600 tokens)
+    bench_new_tokens: int = 32
+    long_prompt_tokens: int = 640     # the long benchmark prompt: past the 512-token window
+    draft_max: int = 4
+    draft_min_confidence: float = 0.3
+    entropy_thresholds: list = field(default_factory=lambda: [0.5, 0.8])
+    late_boundary: int = 15           # routed: continue_local exits here (n - 3 on the 270M)
+    seed: int = 0
+
+    @classmethod
+    def real_size(cls) -> "RuntimeArgs":
+        return cls(prompts=300, max_tokens=256, exit_layers=[4, 6, 9, 12, 15], vocabs=[4096, 16384, 65536],
+                   head_steps=400, head_batch=256, bench_prompts=12, bench_new_tokens=64,
+                   entropy_thresholds=[0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
+
+
+def add_arguments(p):
+    d = RuntimeArgs()
+    p.add_argument("--runtime-prompts", type=int, default=d.prompts, metavar="N",
+                   help=f"lane prompts whose hidden states train the exit heads (default {d.prompts})")
+    p.add_argument("--runtime-exit-layers", default=None, metavar="L1,L2,...",
+                   help=f"exit layers swept (default {','.join(map(str, d.exit_layers))})")
+    p.add_argument("--runtime-vocabs", default=None, metavar="V1,V2,...",
+                   help=f"shortlist sizes swept (default {','.join(map(str, d.vocabs))})")
+    p.add_argument("--runtime-bench-prompts", type=int, default=d.bench_prompts, metavar="N",
+                   help=f"held-out prompts every mode decodes, plus one over 600 tokens (default {d.bench_prompts})")
+    p.add_argument("--runtime-real-size", action="store_true", help="the offline size (RuntimeArgs.real_size)")
+
+
+def _ints(s, flag):
+    try:
+        return sorted({int(x) for x in str(s).split(",")})
+    except ValueError as e:
+        raise AGPError(f"{flag} must be comma-separated integers, got '{s}'") from e
+
+
+def config(args) -> RuntimeArgs:
+    cfg = RuntimeArgs.real_size() if getattr(args, "runtime_real_size", False) else RuntimeArgs()
+    if not getattr(args, "runtime_real_size", False):
+        cfg.prompts = getattr(args, "runtime_prompts", cfg.prompts)
+        cfg.bench_prompts = getattr(args, "runtime_bench_prompts", cfg.bench_prompts)
+    if getattr(args, "runtime_exit_layers", None):
+        cfg.exit_layers = _ints(args.runtime_exit_layers, "--runtime-exit-layers")
+    if getattr(args, "runtime_vocabs", None):
+        cfg.vocabs = _ints(args.runtime_vocabs, "--runtime-vocabs")
+    return cfg
+
+
+# --- source ---------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    bb: object
+    adapter_dir: str | None
+    rows: dict                       # split -> list of lane rows (dicts with 'id', 'text', 'lane')
+
+
+def resolve_adapter(run) -> str | None:
+    """The stage-1 adapter directory; a relative path is tried against the run's own copy too."""
+    ad = run.stage("adapter")
+    if ad.get("status") != "done":
+        return None
+    adir = (ad.get("artifacts") or {}).get("adapter_dir")
+    for cand in ([Path(adir)] if adir else []) + [Path(run.path) / "adapter" / "adapter"]:
+        if (cand / "adapter_config.json").exists():
+            return str(cand.resolve())
+    raise AGPError(f"adapter stage of {run.path} finished but its adapter ({adir}) is missing; "
+                   f"rerun `agp run --stage adapter`")
+
+
+def source(run, model_arg=None) -> Source:
+    from agp.backbone import load
+    adapter = resolve_adapter(run)
+    data = Path(run.path) / "adapter" / "data"
+    rows = {s: [] for s in SPLITS}
+    for lane in LANES:
+        for s in SPLITS:
+            path = data / lane / f"{s}.jsonl"
+            if not path.exists():
+                raise AGPError(f"missing lane file {path}; rerun `agp run --stage adapter`")
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    if isinstance(r.get("text"), str) and r["text"].strip():
+                        rows[s].append({"id": r.get("id"), "text": r["text"], "lane": lane})
+    if not rows["train"] or not rows["heldout"]:
+        raise AGPError(f"the lanes under {data} have no train or held-out rows; rerun `agp run --stage adapter`")
+    return Source(load(model_arg, adapter=adapter), adapter, rows)
+
+
+def pick(rows: list[dict], n: int) -> list[dict]:
+    """A deterministic, content-hash-ordered sample of n rows (mixes the lanes like the source)."""
+    import hashlib
+    return sorted(rows, key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())[:n]
+
+
+# --- hidden states --------------------------------------------------------------------------------
+@dataclass
+class States:
+    hidden: dict                     # layer -> [N, H] float32 (the last layer n included)
+    tokens: list                     # token ids of every prompt used (for shortlist frequencies)
+    prompts: int
+
+
+def collect_states(bb, rows: list[dict], layers: list[int], max_tokens: int, per_prompt: int = 64,
+                   desc: str = "states") -> States:
+    """Hidden states after each of `layers` blocks (and after all) at up to `per_prompt` evenly
+    spaced positions of each prompt (one segmented forward per prompt, no head)."""
+    from agp.oracle.probes import hidden_at
+    from agp.train.baseline import probe_positions
+    want = sorted(set(layers) | {bb.n_layers})
+    parts, toks = {l: [] for l in want}, []
+    for r in tqdm(rows, desc=desc, unit="prompt"):
+        ids = bb.encode(r["text"], max_tokens=max_tokens, truncate=True)
+        if len(ids) < 3:
+            continue
+        toks.append(ids)
+        h = hidden_at(bb, ids, want, probe_positions(len(ids), per_prompt))
+        for l in want:
+            parts[l].append(h[l])
+    if not toks:
+        raise AGPError("no lane prompt had 3 or more tokens; the lanes are empty")
+    return States({l: np.concatenate(v) for l, v in parts.items()}, toks, len(toks))
+
+
+# --- exit-head sweep -------------------------------------------------------------------------------
+@dataclass
+class ExitSweep:
+    rows: list                       # one dict per (layer, vocab): identity / ridge / distilled metrics, costs
+    heads: dict                      # (layer, vocab) -> distilled ExitHead
+    full_head_ms: float
+
+
+def time_ms(fn, repeat: int = 8) -> float:
+    """Best-of-`repeat` wall time of fn() in ms (forcing evaluation)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        mx.eval(fn())
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def sweep_exits(bb, train: States, valid: States, cfg: RuntimeArgs) -> ExitSweep:
+    from agp.heads.exit import ExitHead, ExitHeadArgs, distill, evaluate, ridge_start, shortlist
+    L = bb.n_layers
+    eos = sorted(getattr(bb.tokenizer, "eos_token_ids", None) or [])
+    one = mx.array(valid.hidden[L][:1])
+    full_ms = time_ms(lambda: bb.head(one))
+    rows, heads = [], {}
+    bar = tqdm(total=len(cfg.exit_layers) * len(cfg.vocabs) * cfg.head_steps, desc="exit heads", unit="step")
+    for v in cfg.vocabs:
+        ids = shortlist(train.tokens, bb.vocab_size, min(v, bb.vocab_size), always=eos)
+        for E in cfg.exit_layers:
+            xe, xl = train.hidden[E], train.hidden[L]
+            ve, vl = valid.hidden[E], valid.hidden[L]
+            head = ExitHead.identity(bb, E, ids)
+            row = {"layer": E, "vocab": len(ids), "identity": evaluate(bb, head, ve, vl)}
+            ridge_start(head, xe, xl)
+            row["ridge"] = evaluate(bb, head, ve, vl)
+            ha = ExitHeadArgs(layer=E, vocab=len(ids), steps=cfg.head_steps, batch=cfg.head_batch, seed=cfg.seed)
+            row["train"] = distill(head, xe, xl, ha, progress=bar)
+            row["distilled"] = evaluate(bb, head, ve, vl)
+            x1 = mx.array(ve[:1])
+            row["exit_head_ms"] = time_ms(lambda: head.logits(x1))
+            row["exit_head_macs"] = head.macs()
+            row["full_head_ms"] = full_ms
+            row["full_head_macs"] = bb.head_macs()
+            rows.append(row)
+            heads[(E, len(ids))] = head
+    bar.close()
+    return ExitSweep(rows, heads, full_ms)
+
+
+# --- choose and save -------------------------------------------------------------------------------
+def expected_speedup(alpha: float, draft_reads: float, k: int) -> float:
+    """Weight-read model of one speculative round: i.i.d. acceptance alpha, k drafts each reading
+    `draft_reads` of a full step, one verify reading ~one full step. Tokens per round over reads."""
+    tokens = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
+    return tokens / (1 + k * draft_reads)
+
+
+@dataclass
+class Choice:
+    draft_layer: int
+    vocab: int
+    expected_speedup: float
+    table: list
+
+
+def choose_draft(bb, sweep: ExitSweep, costs, cfg: RuntimeArgs) -> Choice:
+    """The (E, V) the weight-read model favours for drafting, from the measured acceptance."""
+    full = costs.full_token(cfg.max_tokens).reads
+    table = []
+    for r in sweep.rows:
+        reads = (costs.layers(0, r["layer"], cfg.max_tokens).reads + r["exit_head_macs"]) / full
+        alpha = r["distilled"]["top1_agree"]
+        best_k = max(range(1, cfg.draft_max + 1), key=lambda k: expected_speedup(alpha, reads, k))
+        table.append({"layer": r["layer"], "vocab": r["vocab"], "acceptance": alpha, "draft_read_ratio": reads,
+                      "best_k": best_k, "expected_speedup": expected_speedup(alpha, reads, best_k)})
+    best = max(table, key=lambda t: t["expected_speedup"])
+    return Choice(best["layer"], best["vocab"], best["expected_speedup"], table)
+
+
+def save_heads(out: Path, bb, sweep: ExitSweep, choice: Choice, adapter: str | None, cfg: RuntimeArgs) -> dict:
+    """One head per exit layer (at the chosen V) + runtime.json naming the draft layer and backbone."""
+    saved = {}
+    for (E, V), head in sweep.heads.items():
+        if V != choice.vocab:
+            continue
+        row = next(r for r in sweep.rows if r["layer"] == E and r["vocab"] == V)
+        head.save(out / "exit_heads" / f"L{E}", {"model_fingerprint": bb.fingerprint, "valid": row["distilled"]})
+        saved[E] = str(out / "exit_heads" / f"L{E}")
+    meta = {"model_fingerprint": bb.fingerprint, "adapter_dir": adapter, "exit_layers": sorted(saved),
+            "draft_layer": choice.draft_layer, "vocab": choice.vocab, "late_boundary": [cfg.late_boundary],
+            "draft_max": cfg.draft_max, "draft_min_confidence": cfg.draft_min_confidence}
+    io.write_json(out / "runtime.json", meta)
+    return meta
+
+
+# --- benchmark ------------------------------------------------------------------------------------
+@dataclass
+class Bench:
+    prompts: list                    # [{"name", "tokens"}]
+    runs: list                       # one dict per (mode, prompt)
+    table: list                      # one dict per mode: aggregates and ratios vs the anchor
+    profile: dict
+
+
+def bench_prompts(bb, rows: dict, cfg: RuntimeArgs) -> list[tuple[str, list[int]]]:
+    """Held-out routing-lane prompts (cut to 96 tokens) and one long prompt past the 512-token window."""
+    held = [r for r in rows["heldout"] if r["lane"] == "routing"] or rows["heldout"]
+    held = pick(held, len(held))
+    out = [(f"heldout-{i}", bb.encode(r["text"], max_tokens=96, truncate=True)) for i, r in enumerate(held[:cfg.bench_prompts])]
+    ids = []
+    for r in held:
+        ids += bb.encode(r["text"])[(1 if ids else 0):]
+        if len(ids) >= cfg.long_prompt_tokens:
+            break
+    if len(ids) < cfg.long_prompt_tokens:
+        raise AGPError(f"the held-out lanes hold only {len(ids)} tokens; the long benchmark prompt needs "
+                       f"{cfg.long_prompt_tokens}")
+    out.append((f"long-{cfg.long_prompt_tokens}", ids[:cfg.long_prompt_tokens]))
+    return out
+
+
+def lossy_modes(heads, cfg: RuntimeArgs) -> list[tuple[str, dict]]:
+    modes = [(f"exit:{E}", {}) for E in sorted(heads.exits)]
+    modes += [("entropy", {"entropy_threshold": t}) for t in cfg.entropy_thresholds]
+    if heads.controller is not None:
+        modes.append(("routed", {}))
+    return modes
+
+
+def benchmark(bb, heads, prompts, cfg: RuntimeArgs) -> Bench:
+    from agp.runtime.generator import GenerateArgs
+    from agp.runtime.measure import agreement, run_anchor, run_mode
+    n = cfg.bench_new_tokens
+    spec_args = dict(draft_max=cfg.draft_max, draft_min_confidence=cfg.draft_min_confidence)
+    run_mode(bb, "full", None, prompts[0][1], 4, "warmup")
+    runs = []
+    lossy = lossy_modes(heads, cfg)
+    todo = len(prompts) * 3 + (len(prompts) - 1) * len(lossy)
+    with tqdm(total=todo, desc="benchmark (modes x prompts)", unit="run") as bar:
+        for name, ids in prompts:
+            anchor = run_anchor(bb, ids, n, name)
+            bar.update(1)
+            full = run_mode(bb, "full", None, ids, n, name)
+            bar.update(1)
+            spec = run_mode(bb, "speculative", heads, ids, n, name, GenerateArgs(**spec_args))
+            bar.update(1)
+            group = [("mlx_lm.generate", anchor, {}), ("full", full, {}), ("speculative", spec, spec_args)]
+            if not name.startswith("long"):
+                for mode, kw in lossy:
+                    group.append((_label(mode, kw), run_mode(bb, mode, heads, ids, n, name, GenerateArgs(**kw)), kw))
+                    bar.update(1)
+            for label, r, kw in group:
+                runs.append({"mode": label, "prompt": name, "prompt_tokens": r.prompt_tokens, "tokens": r.tokens,
+                             "tok_s": r.tok_s, "anchor_tok_s": anchor.tok_s, "step_ms": r.step_ms,
+                             "vs_full": agreement(r.tokens, full.tokens),
+                             "vs_anchor": agreement(r.tokens, anchor.tokens), "summary": r.summary, "args": kw})
+    return Bench([{"name": nm, "tokens": len(ids)} for nm, ids in prompts], runs, summarise(runs),
+                 profile_components(bb, heads, prompts[0][1]))
+
+
+def _label(mode: str, kw: dict) -> str:
+    return f"entropy@{kw['entropy_threshold']:g}" if mode == "entropy" else mode
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Per mode: mean tok/s ratio vs the anchor (and per prompt), ms/token p50/p95, MAC and
+    weight-read ratios vs full depth, mean layers, agreement with full depth, acceptance."""
+    from agp.runtime.measure import percentile
+    table = []
+    for mode in dict.fromkeys(r["mode"] for r in runs):
+        rs = [r for r in runs if r["mode"] == mode]
+        ms = [x for r in rs for x in r["step_ms"]]
+        s = [r["summary"] for r in rs if r["summary"]]
+        mean = lambda k: float(np.mean([x[k] for x in s if x.get(k) is not None])) if s and any(x.get(k) is not None for x in s) else None  # noqa: E731
+        drafted = sum(x.get("drafted", 0) for x in s)
+        table.append({
+            "mode": mode, "prompts": [r["prompt"] for r in rs],
+            "tok_s_ratio_vs_mlx_lm": float(np.mean([r["tok_s"] / r["anchor_tok_s"] for r in rs])),
+            "tok_s_ratio_per_prompt": {r["prompt"]: r["tok_s"] / r["anchor_tok_s"] for r in rs},
+            "tok_s": float(np.mean([r["tok_s"] for r in rs])),
+            "ms_per_token_p50": percentile(ms, 50), "ms_per_token_p95": percentile(ms, 95),
+            "mac_ratio_vs_full": mean("mac_ratio_vs_full") if s else 1.0,
+            "read_ratio_vs_full": mean("read_ratio_vs_full") if s else 1.0,
+            "mean_layers": mean("mean_layers"),
+            "agreement_vs_full": float(np.mean([r["vs_full"]["agreement"] for r in rs])),
+            "identical_vs_full": [r["vs_full"]["identical"] for r in rs],
+            "identical_vs_mlx_lm": [r["vs_anchor"]["identical"] for r in rs],
+            "first_divergence": [r["vs_full"]["first_divergence"] for r in rs],
+            "acceptance": (sum(x.get("accepted", 0) for x in s) / drafted) if drafted else None,
+            "tokens_per_round": mean("tokens_per_round") if drafted else None,
+            "actions": {k: sum(x["actions"].get(k, 0) for x in s) for k in sorted({k for x in s for k in x.get("actions", {})})},
+        })
+    return table
+
+
+def profile_components(bb, heads, ids: list[int]) -> dict:
+    """Best-of-8 ms of each component of one decode step at this prompt's context: all layers,
+    layers [0, E), the full head, the draft exit head, the controller; Python overhead is what a
+    measured `full` step costs beyond its layers and head."""
+    from agp.runtime.cache import make_rollback_cache, rollback
+    from agp.runtime.full import prefill
+    cache = make_rollback_cache(bb.model, slack=16)
+    prefill(bb, ids[:-1], cache)
+    L = bb.n_layers
+    E = heads.draft_layer
+
+    def step(a, b):
+        p = bb.start(mx.array([[ids[-1]]]), cache)
+        h = p.run(p.h0, a, b) if a == 0 else p.h0
+        rollback(cache, 1, range(a, b))
+        return h
+
+    h = bb.start(mx.array([[ids[-1]]])).h0
+    out = {"layers_all_ms": time_ms(lambda: step(0, L)), f"layers_0_{E}_ms": time_ms(lambda: step(0, E)),
+           "full_head_ms": time_ms(lambda: bb.head(h)), "exit_head_ms": time_ms(lambda: heads.draft.logits(h))}
+    if heads.controller is not None:
+        from agp.heads.controller import route_decisions
+        ctl, cal = heads.controller
+        x = np.zeros((1, ctl.n_in), np.float32)
+        t = time.perf_counter()
+        for _ in range(8):
+            route_decisions(ctl, cal, x)
+        out["controller_ms"] = (time.perf_counter() - t) / 8 * 1e3
+    from agp.runtime.measure import run_mode
+    r = run_mode(bb, "full", None, ids, 8, "profile")
+    out["full_step_ms_measured"] = float(np.median(r.step_ms[1:])) if len(r.step_ms) > 1 else None
+    if out["full_step_ms_measured"]:
+        out["python_overhead_ms"] = out["full_step_ms_measured"] - out["layers_all_ms"] - out["full_head_ms"]
+    return out
+
+
+# --- the stage ------------------------------------------------------------------------------------
+def run(run, args) -> dict:
+    """Exit heads, then every mode on the same prompts; writes <run>/runtime/."""
+    from agp.report.runtime import write_report
+    from agp.runtime import heads as H
+    from agp.runtime.cost import CostModel
+    t0 = time.perf_counter()
+    cfg = config(args)
+    out = run.stage_dir(NAME)
+    src = source(run, getattr(args, "model", None))
+    bb = src.bb
+    if any(not 0 < E < bb.n_layers for E in cfg.exit_layers):
+        raise AGPError(f"--runtime-exit-layers must lie in 1..{bb.n_layers - 1}, got {cfg.exit_layers}")
+    timings = {"load_s": time.perf_counter() - t0}
+    t = time.perf_counter()
+    train = collect_states(bb, pick(src.rows["train"], cfg.prompts), cfg.exit_layers, cfg.max_tokens,
+                           cfg.max_tokens, "train states")
+    valid = collect_states(bb, pick(src.rows["valid"], max(cfg.prompts // 4, 2)), cfg.exit_layers, cfg.max_tokens,
+                           cfg.max_tokens, "valid states")
+    timings["states_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sweep = sweep_exits(bb, train, valid, cfg)
+    timings["exit_heads_s"] = time.perf_counter() - t
+    costs = CostModel(bb)
+    choice = choose_draft(bb, sweep, costs, cfg)
+    meta = save_heads(out, bb, sweep, choice, src.adapter_dir, cfg)
+    # the benchmark loads the heads from disk exactly as `agp generate` does
+    heads = H.load(run, bb, "routed" if run.stage("controller").get("status") == "done" else "speculative",
+                   finished=False)
+    t = time.perf_counter()
+    bench = benchmark(bb, heads, bench_prompts(bb, src.rows, cfg), cfg)
+    timings["benchmark_s"] = time.perf_counter() - t
+    io.write_json(out / "bench.json", {"runs": bench.runs, "table": bench.table})
+    io.write_json(out / "sweep.json", {"rows": sweep.rows, "choice": choice.table})
+    metrics = {"config": cfg.to_dict(), "backbone": "adapter" if src.adapter_dir else "base",
+               "adapter_dir": src.adapter_dir, "model_fingerprint": bb.fingerprint, "runtime": meta,
+               "sweep": sweep.rows, "choice": {"draft_layer": choice.draft_layer, "vocab": choice.vocab,
+                                               "expected_speedup": choice.expected_speedup, "table": choice.table},
+               "bench": {"prompts": bench.prompts, "table": bench.table, "profile": bench.profile},
+               "states": {"train_positions": int(len(train.hidden[bb.n_layers])),
+                          "valid_positions": int(len(valid.hidden[bb.n_layers])),
+                          "train_prompts": train.prompts, "valid_prompts": valid.prompts},
+               "timings": timings}
+    write_report(out, metrics)
+    timings["total_s"] = time.perf_counter() - t0
+    run.update_stage(NAME, artifacts={"runtime_json": str(out / "runtime.json"), "bench": str(out / "bench.json")})
+    return _clean(metrics)
+
+
+def _clean(o):
+    """JSON-safe metrics: NaN -> None, numpy -> python, tuple keys -> strings."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _clean(o.tolist())
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    return o
