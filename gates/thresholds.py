@@ -128,3 +128,13 @@ INDEX_RECALL10_4BIT_MIN = 0.88
 INDEX_PEER_TOLERANCE = 0.003
 # Rerank of 100 candidates with stored fp16 vectors: 0.9792 measured on the subset (see above).
 INDEX_RERANK100_RECALL10_MIN = 0.97
+
+# --- stage 5, runtime part (issue 15, gates/test_stage5_runtime.py) ------------------------------
+# The long benchmark prompt must pass mlx-lm's 512-token rotating window with room for rejected
+# drafts to matter (the issue: "a context over 600 tokens"); the stage uses 640.
+STAGE5_LONG_PROMPT_MIN_TOKENS = 600
+# Weight reads per emitted token, speculative / full depth (deterministic given the accepted
+# drafts). Below 1 means speculation streams fewer weights per token than plain decoding.
+STAGE5_SPEC_READ_RATIO_MAX = 1.0
+# Draft acceptance floor: a draft head that is never accepted makes speculation pure overhead.
+STAGE5_SPEC_ACCEPTANCE_MIN = 0.2

@@ -11,6 +11,7 @@ TARGETS = {
     "codecs": "agp.quant.bench",
     "index": "agp.index.bench",
     "ptp-fuzz": "agp.ptp.fuzz",
+    "runtime": "agp.bench.runtime",
 }
 
 

@@ -176,24 +176,51 @@ def distill(head: ExitHead, h_e: np.ndarray, h_final: np.ndarray, args: ExitHead
     return {"history": hist}
 
 
-def evaluate(bb, head: ExitHead, h_e: np.ndarray, h_final: np.ndarray, batch: int = 64) -> dict:
-    """Top-1 agreement with full depth (the full 262144-wide head), KL on the shortlist, coverage
+def full_top1(bb, h_final: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The full-depth greedy token at each position (one 262144-wide head pass per batch)."""
+    out = []
+    for a in range(0, len(h_final), batch):
+        t = mx.argmax(bb.head(mx.array(h_final[a:a + batch])), axis=-1)
+        mx.eval(t)
+        out.append(np.asarray(t))
+    return np.concatenate(out)
+
+
+def evaluate(head: ExitHead, h_e: np.ndarray, h_final: np.ndarray, top1: np.ndarray, batch: int = 256) -> dict:
+    """Top-1 agreement with full depth (`top1` from `full_top1`), KL on the shortlist, coverage
     (share of positions whose full-depth token is in the shortlist)."""
-    agree, kl, cover = [], [], []
+    agree, kl = [], []
     for a in range(0, len(h_e), batch):
         x, y = mx.array(h_e[a:a + batch]), mx.array(h_final[a:a + batch])
-        full_top = mx.argmax(bb.head(y), axis=-1)
         z = head.logits(x)
         mine = head.ids[mx.argmax(z, axis=-1)]
         t = head.teacher_logits(y)
         logp = t - mx.logsumexp(t, axis=-1, keepdims=True)
         logq = z - mx.logsumexp(z, axis=-1, keepdims=True)
         k = (mx.exp(logp) * (logp - logq)).sum(-1)
-        mx.eval(full_top, mine, k)
-        ft = np.asarray(full_top)
-        agree.append(np.asarray(mine) == ft)
+        mx.eval(mine, k)
+        agree.append(np.asarray(mine) == top1[a:a + batch])
         kl.append(np.asarray(k))
-        cover.append(np.isin(ft, head.ids_np))
     cat = np.concatenate
     return {"top1_agree": float(cat(agree).mean()), "kl_shortlist": float(cat(kl).mean()),
-            "coverage": float(cat(cover).mean()), "positions": int(len(h_e))}
+            "coverage": float(np.isin(top1, head.ids_np).mean()), "positions": int(len(h_e))}
+
+
+def confidence_curve(head: ExitHead, h_e: np.ndarray, top1: np.ndarray, taus, batch: int = 256) -> list[dict]:
+    """For each threshold tau: the share of positions whose shortlist top-1 probability is >= tau,
+    and the top-1 agreement with full depth among them (what a confidence-gated draft can expect)."""
+    p1, agree = [], []
+    for a in range(0, len(h_e), batch):
+        z = head.logits(mx.array(h_e[a:a + batch]))
+        p = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
+        tok = head.ids[mx.argmax(z, axis=-1)]
+        mx.eval(p, tok)
+        p1.append(np.asarray(p))
+        agree.append(np.asarray(tok) == top1[a:a + batch])
+    p1, agree = np.concatenate(p1), np.concatenate(agree)
+    out = []
+    for t in taus:
+        m = p1 >= t
+        out.append({"tau": float(t), "share": float(m.mean()),
+                    "acceptance": float(agree[m].mean()) if m.any() else None})
+    return out

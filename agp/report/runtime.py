@@ -50,16 +50,18 @@ def write_report(out, m: dict) -> None:
                      f"{_f(r['tokens_per_round'], '{:.2f}')} |")
     lines += ["", "![frontier](frontier.png)", "",
               "### Exit heads: exit layer x shortlist size (held-out valid positions)\n",
-              "| E | V | top-1 vs full: identity / ridge / distilled | coverage | KL (shortlist) | exit head ms / MACs | full head ms |",
+              "| E | V | top-1 vs full: identity / ridge / distilled (kept) | coverage | KL (shortlist, kept) | exit head ms / MACs | full head ms |",
               "|---|---|---|---|---|---|---|"]
     for r in m["sweep"]:
+        dist = r.get("distilled", {}).get("top1_agree")
         lines.append(f"| {r['layer']} | {r['vocab']} | {r['identity']['top1_agree']:.3f} / {r['ridge']['top1_agree']:.3f} / "
-                     f"{r['distilled']['top1_agree']:.3f} | {r['distilled']['coverage']:.3f} | "
-                     f"{r['distilled']['kl_shortlist']:.2f} | {r['exit_head_ms']:.1f} / {r['exit_head_macs'] / 1e6:.1f}M | "
+                     f"{_f(dist)} ({r['kept']}) | {r['final']['coverage']:.3f} | "
+                     f"{r['final']['kl_shortlist']:.2f} | {r['exit_head_ms']:.1f} / {r['exit_head_macs'] / 1e6:.1f}M | "
                      f"{r['full_head_ms']:.1f} |")
     ch = m["choice"]
-    lines += ["", f"Draft head chosen by the weight-read model: E={ch['draft_layer']}, V={ch['vocab']} "
-              f"(expected {ch['expected_speedup']:.2f}x in weight reads).", "",
+    lines += ["", f"Draft chosen by the cost model (agp.train.runtime.expected_speedup, from the valid-set "
+              f"confidence curves): E={ch['draft_layer']}, V={ch['vocab']}, confidence gate {ch['draft_min_confidence']:g}, "
+              f"at most {ch['draft_max']} drafts; expected {ch['expected_speedup']:.2f}x over plain steps.", "",
               "### Time profile of one decode step (ms, best of 8)\n",
               "| " + " | ".join(m["bench"]["profile"]) + " |", "|" + "---|" * len(m["bench"]["profile"]),
               "| " + " | ".join(_f(v, "{:.1f}") for v in m["bench"]["profile"].values()) + " |", ""]

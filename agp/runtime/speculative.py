@@ -2,11 +2,12 @@
 
 One round, with t0 the last emitted token (not yet in the cache) and n tokens cached:
   draft   feed t0, d1, ... through layers [0, E) one at a time, reusing those layers' KV of the
-          whole context; the exit head at E proposes d_{j+1}; stop after `draft_max` drafts or
-          after the first draft whose top-1 shortlist probability is below
-          `draft_min_confidence` (Kangaroo's adaptive stop).
-  verify  run d_k through [0, E), then the k+1 states at E through [E, L) in one batched pass,
-          and the full head on all k+1: y_j = the full-depth greedy token after t0, d1..d_j.
+          whole context; the exit head at E proposes d_{j+1} only if its top-1 shortlist
+          probability is >= `draft_min_confidence` (Kangaroo's adaptive stop), at most
+          `draft_max` drafts. The last fed token's layer-E state is already the one verify needs.
+  verify  the k+1 states at E (t0, d1..d_k) through [E, L) in one batched pass, and the full
+          head on all k+1: y_j = the full-depth greedy token after t0, d1..d_j. With k = 0 the
+          round is a plain full-depth step.
   accept  the longest prefix with d_{j+1} == y_j, then y_a (the correction, or the bonus token
           when every draft was accepted). Every layer's cache then holds n+k+1 tokens; the
           k-a rejected ones are rolled back exactly (agp.runtime.cache.WindowKVCache: mlx-lm's
@@ -44,33 +45,34 @@ class SpeculativeDecoder:
         self.pending, self.context = ids[-1], len(ids)
 
     def draft(self, budget: int):
-        """Draft tokens and the layer-E states of t0, d1, ..., d_{k-1}; plus the draft cost."""
+        """Layer-E states of t0, d1, ..., d_k and the drafts d1..d_k, plus their cost. A draft is
+        proposed only while the exit head's top-1 shortlist probability is >= the threshold."""
         bb, E, head = self.bb, self.E, self.head
         k_max = max(0, min(self.args.draft_max, budget - 1))
         drafts, states, cost, t = [], [], Cost(), self.pending
-        for j in range(k_max):
+        while True:
             p = bb.start(mx.array([[t]]), self.cache)
             h = p.run(p.h0, 0, E)
+            states.append(h)
+            cost += self.costs.layers(0, E, self.context + len(drafts))
+            if len(drafts) >= k_max:
+                break
             z = head.logits(h[:, -1])
             top = mx.argmax(z, axis=-1)
             conf = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
             mx.eval(top, conf)
-            states.append(h)
-            cost += self.costs.layers(0, E, self.context + j) + Cost(head.macs(), head.macs())
-            t = int(head.ids_np[int(top.item())])
-            drafts.append(t)
+            cost += Cost(head.macs(), head.macs())
             if float(conf.item()) < self.args.draft_min_confidence:
                 break
+            t = int(head.ids_np[int(top.item())])
+            drafts.append(t)
         return drafts, states, cost
 
     def round(self, budget: int) -> Round:
         bb, E, L = self.bb, self.E, self.bb.n_layers
         drafts, states, cost = self.draft(budget)
         k = len(drafts)
-        last = drafts[-1] if drafts else self.pending
-        p = bb.start(mx.array([[last]]), self.cache)
-        states.append(p.run(p.h0, 0, E))
-        h = bb.run_layers(mx.concatenate(states, axis=1), E, L, self.cache)
+        h = bb.run_layers(mx.concatenate(states, axis=1) if k else states[0], E, L, self.cache)
         y = greedy(bb.head(h))[0]
         mx.eval(y)
         y = y.tolist()
@@ -78,7 +80,7 @@ class SpeculativeDecoder:
         while a < k and drafts[a] == y[a]:
             a += 1
         end = self.context + k      # keys after this round's k+1 positions
-        cost += self.costs.layers(0, E, end) + self.costs.layers(E, L, end, tokens=k + 1) + self.costs.head(k + 1)
+        cost += self.costs.layers(E, L, end, tokens=k + 1) + self.costs.head(k + 1)
         rollback(self.cache, k - a)
         out = drafts[:a] + [y[a]]
         self.pending, self.context = y[a], self.context + a + 1

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from agp import io
@@ -29,32 +30,39 @@ from agp.errors import AGPError
 
 NAME = "runtime"
 MARKER = "stage5"
-REQUIRES = ["baseline", "adapter", "controller"]
+REQUIRES = ["baseline", "controller"]   # the adapter and its lanes are used when stage 1 finished
 LANES = ("sft", "routing", "semantic")
 SPLITS = ("train", "valid", "heldout")
+TAUS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Verifying one more position costs ~0.15 of a plain step on these machines (DESIGN.md: one
+# forward of 1 token 98 ms, of 5 tokens 157 ms), on top of the draft's own weight reads.
+VERIFY_POSITION_COST = 0.15
 
 
 @dataclass
 class RuntimeArgs(ConfigMixin):
     # CI size: fits the 4-minute budget on 2 shared cores. `real_size()` is the offline size.
-    prompts: int = 96                 # train prompts whose states feed the heads (a quarter as many valid)
+    prompts: int = 32                 # train prompts whose states feed the heads (a quarter as many valid)
     max_tokens: int = 128             # tokens per prompt for the states (every position is used)
     exit_layers: list = field(default_factory=lambda: [6, 9, 12, 15])   # 12 = controller D, 15 = late boundary
-    vocabs: list = field(default_factory=lambda: [4096, 16384])
+    vocab: int = 4096                 # shortlist size of the saved heads (every exit layer)
+    vocabs: list = field(default_factory=lambda: [1024, 16384, 65536])   # other sizes: identity + ridge only
+    vocab_layers: list | None = None  # layers the other sizes are swept at (None: every exit layer)
     head_steps: int = 100             # 150 steps x 256 on 1.5K positions overfit (train KL 0.15, valid 1.9)
     head_batch: int = 128
-    bench_prompts: int = 3            # held-out prompts decoded by every mode (plus one over 600 tokens)
+    head_lr: float = 3e-4
+    bench_prompts: int = 2            # held-out prompts decoded by every mode (plus one over 600 tokens)
     bench_new_tokens: int = 32
     long_prompt_tokens: int = 640     # the long benchmark prompt: past the 512-token window
     draft_max: int = 4
     draft_min_confidence: float = 0.3
     entropy_thresholds: list = field(default_factory=lambda: [0.5, 0.8])
-    late_boundary: int = 15           # routed: continue_local exits here (n - 3 on the 270M)
+    late_boundary: int | None = None  # routed: continue_local exits here (None: n - 3, after D)
     seed: int = 0
 
     @classmethod
     def real_size(cls) -> "RuntimeArgs":
-        return cls(prompts=300, max_tokens=256, exit_layers=[4, 6, 9, 12, 15], vocabs=[4096, 16384, 65536],
+        return cls(prompts=300, max_tokens=256, exit_layers=[4, 6, 9, 12, 15], vocabs=[16384, 65536], vocab_layers=None,
                    head_steps=400, head_batch=256, bench_prompts=12, bench_new_tokens=64,
                    entropy_thresholds=[0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
 
@@ -65,10 +73,18 @@ def add_arguments(p):
                    help=f"lane prompts whose hidden states train the exit heads (default {d.prompts})")
     p.add_argument("--runtime-exit-layers", default=None, metavar="L1,L2,...",
                    help=f"exit layers swept (default {','.join(map(str, d.exit_layers))})")
+    p.add_argument("--runtime-vocab", type=int, default=d.vocab, metavar="V",
+                   help=f"shortlist size of the saved exit heads (default {d.vocab})")
     p.add_argument("--runtime-vocabs", default=None, metavar="V1,V2,...",
-                   help=f"shortlist sizes swept (default {','.join(map(str, d.vocabs))})")
+                   help=f"other shortlist sizes swept at layer(s) {d.vocab_layers} (default {','.join(map(str, d.vocabs))})")
     p.add_argument("--runtime-bench-prompts", type=int, default=d.bench_prompts, metavar="N",
                    help=f"held-out prompts every mode decodes, plus one over 600 tokens (default {d.bench_prompts})")
+    p.add_argument("--runtime-new-tokens", type=int, default=d.bench_new_tokens, metavar="N",
+                   help=f"tokens each mode decodes per benchmark prompt (default {d.bench_new_tokens})")
+    p.add_argument("--runtime-long-prompt-tokens", type=int, default=d.long_prompt_tokens, metavar="N",
+                   help=f"length of the long benchmark prompt, past the sliding window (default {d.long_prompt_tokens})")
+    p.add_argument("--runtime-head-steps", type=int, default=d.head_steps, metavar="N",
+                   help=f"distillation steps per exit head (default {d.head_steps})")
     p.add_argument("--runtime-real-size", action="store_true", help="the offline size (RuntimeArgs.real_size)")
 
 
@@ -79,15 +95,33 @@ def _ints(s, flag):
         raise AGPError(f"{flag} must be comma-separated integers, got '{s}'") from e
 
 
+def routed_layers(run, n: int, cfg: RuntimeArgs) -> tuple[list[int], int]:
+    """Exit layers to train: the swept ones plus the controller's decision layer D and the late
+    boundary B (default n - 3, and always after D), which mode routed exits at."""
+    calib = Path(run.path) / "controller" / "heads" / "calibration.json"
+    d = int(json.loads(calib.read_text())["decision_layer"]) if calib.exists() else None
+    late = cfg.late_boundary or (max(n - 3, d + 1) if d is not None else n - 3)
+    extra = {late} | ({d} if d is not None else set())
+    return sorted(set(cfg.exit_layers) | {x for x in extra if 0 < x < n}), late
+
+
 def config(args) -> RuntimeArgs:
     cfg = RuntimeArgs.real_size() if getattr(args, "runtime_real_size", False) else RuntimeArgs()
     if not getattr(args, "runtime_real_size", False):
         cfg.prompts = getattr(args, "runtime_prompts", cfg.prompts)
         cfg.bench_prompts = getattr(args, "runtime_bench_prompts", cfg.bench_prompts)
+        cfg.bench_new_tokens = getattr(args, "runtime_new_tokens", cfg.bench_new_tokens)
+        cfg.head_steps = getattr(args, "runtime_head_steps", cfg.head_steps)
+    cfg.long_prompt_tokens = getattr(args, "runtime_long_prompt_tokens", cfg.long_prompt_tokens)
+    for flag in ("bench_prompts", "bench_new_tokens", "head_steps", "prompts", "long_prompt_tokens"):
+        if getattr(cfg, flag) < 1:
+            raise AGPError(f"--runtime-{flag.replace('_', '-')} must be at least 1, got {getattr(cfg, flag)}")
     if getattr(args, "runtime_exit_layers", None):
         cfg.exit_layers = _ints(args.runtime_exit_layers, "--runtime-exit-layers")
     if getattr(args, "runtime_vocabs", None):
         cfg.vocabs = _ints(args.runtime_vocabs, "--runtime-vocabs")
+    if not getattr(args, "runtime_real_size", False):
+        cfg.vocab = getattr(args, "runtime_vocab", cfg.vocab)
     return cfg
 
 
@@ -115,6 +149,19 @@ def resolve_adapter(run) -> str | None:
 def source(run, model_arg=None) -> Source:
     from agp.backbone import load
     adapter = resolve_adapter(run)
+    return Source(load(model_arg, adapter=adapter), adapter, source_rows(run))
+
+
+def source_rows(run) -> dict:
+    """Lane rows per split: the stage-1 lanes (sft, routing, semantic) when the adapter stage
+    finished, else the offline prompt pack split by content hash (as the controller does)."""
+    if run.stage("adapter").get("status") != "done":
+        from agp.data.prompt_pack import PromptPackArgs, build_prompt_pack
+        rows = {s: [] for s in SPLITS}
+        for r in build_prompt_pack(PromptPackArgs(per_source=40, max_chars=1200)):
+            rows["valid" if r["split"] == "valid" else "heldout" if r["split"] in ("heldout", "test") else "train"].append(
+                {"id": r["id"], "text": r["text"], "lane": "routing"})
+        return rows
     data = Path(run.path) / "adapter" / "data"
     rows = {s: [] for s in SPLITS}
     for lane in LANES:
@@ -129,7 +176,7 @@ def source(run, model_arg=None) -> Source:
                         rows[s].append({"id": r.get("id"), "text": r["text"], "lane": lane})
     if not rows["train"] or not rows["heldout"]:
         raise AGPError(f"the lanes under {data} have no train or held-out rows; rerun `agp run --stage adapter`")
-    return Source(load(model_arg, adapter=adapter), adapter, rows)
+    return rows
 
 
 def pick(rows: list[dict], n: int) -> list[dict]:
@@ -186,64 +233,97 @@ def time_ms(fn, repeat: int = 8) -> float:
 
 
 def sweep_exits(bb, train: States, valid: States, cfg: RuntimeArgs) -> ExitSweep:
-    from agp.heads.exit import ExitHead, ExitHeadArgs, distill, evaluate, ridge_start, shortlist
+    from agp.heads.exit import full_top1, shortlist
     L = bb.n_layers
+    top1 = full_top1(bb, valid.hidden[L])
     eos = sorted(getattr(bb.tokenizer, "eos_token_ids", None) or [])
     one = mx.array(valid.hidden[L][:1])
     full_ms = time_ms(lambda: bb.head(one))
     rows, heads = [], {}
-    bar = tqdm(total=len(cfg.exit_layers) * len(cfg.vocabs) * cfg.head_steps, desc="exit heads", unit="step")
-    for v in cfg.vocabs:
-        ids = shortlist(train.tokens, bb.vocab_size, min(v, bb.vocab_size), always=eos)
-        for E in cfg.exit_layers:
-            xe, xl = train.hidden[E], train.hidden[L]
-            ve, vl = valid.hidden[E], valid.hidden[L]
-            head = ExitHead.identity(bb, E, ids)
-            row = {"layer": E, "vocab": len(ids), "identity": evaluate(bb, head, ve, vl)}
-            ridge_start(head, xe, xl)
-            row["ridge"] = evaluate(bb, head, ve, vl)
-            ha = ExitHeadArgs(layer=E, vocab=len(ids), steps=cfg.head_steps, batch=cfg.head_batch, seed=cfg.seed)
-            row["train"] = distill(head, xe, xl, ha, progress=bar)
-            row["distilled"] = evaluate(bb, head, ve, vl)
-            x1 = mx.array(ve[:1])
-            row["exit_head_ms"] = time_ms(lambda: head.logits(x1))
-            row["exit_head_macs"] = head.macs()
-            row["full_head_ms"] = full_ms
-            row["full_head_macs"] = bb.head_macs()
-            rows.append(row)
-            heads[(E, len(ids))] = head
+    grid = [(cfg.vocab, E) for E in cfg.exit_layers]
+    grid += [(v, E) for v in cfg.vocabs for E in (cfg.vocab_layers or cfg.exit_layers) if v != cfg.vocab]
+    bar = tqdm(total=len(cfg.exit_layers) * cfg.head_steps, desc="exit heads", unit="step")
+    lists = {}
+    for v, E in grid:
+        ids = lists.setdefault(v, shortlist(train.tokens, bb.vocab_size, min(v, bb.vocab_size), always=eos))
+        row, head = sweep_one(bb, E, ids, train, valid, top1, cfg, bar, distil=(v == cfg.vocab))
+        row["full_head_ms"] = full_ms
+        rows.append(row)
+        heads[(E, len(ids))] = head
     bar.close()
     return ExitSweep(rows, heads, full_ms)
 
 
+def sweep_one(bb, E: int, ids, train: States, valid: States, top1, cfg: RuntimeArgs, bar, distil: bool = True):
+    """Identity, ridge-initialised and (when `distil`) distilled exit head at layer E over shortlist
+    `ids`. The head kept is the better of ridge and distilled by valid top-1 agreement: measured,
+    150 distillation steps on ~6K positions lowered layer 15 from 0.66 (ridge) to 0.52."""
+    from agp.heads.exit import ExitHead, ExitHeadArgs, distill, evaluate, ridge_start
+    L = bb.n_layers
+    xe, xl, ve, vl = train.hidden[E], train.hidden[L], valid.hidden[E], valid.hidden[L]
+    head = ExitHead.identity(bb, E, ids)
+    row = {"layer": E, "vocab": len(ids), "identity": evaluate(head, ve, vl, top1)}
+    ridge_start(head, xe, xl)
+    row["ridge"] = evaluate(head, ve, vl, top1)
+    row["kept"] = "ridge"
+    if distil:
+        start = {k: mx.array(v) for k, v in tree_flatten(head.params.parameters())}
+        ha = ExitHeadArgs(layer=E, vocab=len(ids), steps=cfg.head_steps, batch=cfg.head_batch, lr=cfg.head_lr,
+                          seed=cfg.seed)
+        row["train"] = distill(head, xe, xl, ha, progress=bar)
+        row["distilled"] = evaluate(head, ve, vl, top1)
+        if row["distilled"]["top1_agree"] >= row["ridge"]["top1_agree"]:
+            row["kept"] = "distilled"
+        else:
+            head.params.load_weights(list(start.items()))
+    row["final"] = row.get("distilled") if row["kept"] == "distilled" else row["ridge"]
+    from agp.heads.exit import confidence_curve
+    row["confidence_curve"] = confidence_curve(head, ve, top1, TAUS)
+    x1 = mx.array(ve[:1])
+    row["exit_head_ms"] = time_ms(lambda: head.logits(x1))
+    row["exit_head_macs"] = head.macs()
+    row["full_head_macs"] = bb.head_macs()
+    return row, head
+
+
 # --- choose and save -------------------------------------------------------------------------------
-def expected_speedup(alpha: float, draft_reads: float, k: int) -> float:
-    """Weight-read model of one speculative round: i.i.d. acceptance alpha, k drafts each reading
-    `draft_reads` of a full step, one verify reading ~one full step. Tokens per round over reads."""
-    tokens = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
-    return tokens / (1 + k * draft_reads)
+def expected_speedup(share: float, acceptance: float, draft_cost: float, k: int) -> float:
+    """One speculative round under a cost model in units of a plain step: a draft is proposed
+    with probability `share` (confidence gate) and accepted with `acceptance`, independently per
+    position; each proposed draft costs `draft_cost` (its layer-[0, E) weight reads plus one more
+    verified position); the verify pass costs one plain step. Tokens per round over cost."""
+    sa = share * acceptance
+    tokens = 1 + sum(sa ** j for j in range(1, k + 1))
+    cost = 1 + draft_cost * sum(share ** j for j in range(1, k + 1))
+    return tokens / cost
 
 
 @dataclass
 class Choice:
     draft_layer: int
     vocab: int
+    draft_min_confidence: float
+    draft_max: int
     expected_speedup: float
     table: list
 
 
 def choose_draft(bb, sweep: ExitSweep, costs, cfg: RuntimeArgs) -> Choice:
-    """The (E, V) the weight-read model favours for drafting, from the measured acceptance."""
+    """The exit layer, confidence gate and draft length the cost model favours, from the
+    measured valid-set confidence curve of each saved head."""
     full = costs.full_token(cfg.max_tokens).reads
     table = []
-    for r in sweep.rows:
-        reads = (costs.layers(0, r["layer"], cfg.max_tokens).reads + r["exit_head_macs"]) / full
-        alpha = r["distilled"]["top1_agree"]
-        best_k = max(range(1, cfg.draft_max + 1), key=lambda k: expected_speedup(alpha, reads, k))
-        table.append({"layer": r["layer"], "vocab": r["vocab"], "acceptance": alpha, "draft_read_ratio": reads,
-                      "best_k": best_k, "expected_speedup": expected_speedup(alpha, reads, best_k)})
+    for r in (r for r in sweep.rows if r["vocab"] == min(cfg.vocab, bb.vocab_size)):
+        cost = (costs.layers(0, r["layer"], cfg.max_tokens).reads + r["exit_head_macs"]) / full + VERIFY_POSITION_COST
+        for c in r["confidence_curve"]:
+            if c["acceptance"] is None:
+                continue
+            for k in range(1, cfg.draft_max + 1):
+                table.append({"layer": r["layer"], "vocab": r["vocab"], "tau": c["tau"], "k": k,
+                              "share": c["share"], "acceptance": c["acceptance"], "draft_cost": cost,
+                              "expected_speedup": expected_speedup(c["share"], c["acceptance"], cost, k)})
     best = max(table, key=lambda t: t["expected_speedup"])
-    return Choice(best["layer"], best["vocab"], best["expected_speedup"], table)
+    return Choice(best["layer"], best["vocab"], best["tau"], best["k"], best["expected_speedup"], table)
 
 
 def save_heads(out: Path, bb, sweep: ExitSweep, choice: Choice, adapter: str | None, cfg: RuntimeArgs) -> dict:
@@ -253,11 +333,12 @@ def save_heads(out: Path, bb, sweep: ExitSweep, choice: Choice, adapter: str | N
         if V != choice.vocab:
             continue
         row = next(r for r in sweep.rows if r["layer"] == E and r["vocab"] == V)
-        head.save(out / "exit_heads" / f"L{E}", {"model_fingerprint": bb.fingerprint, "valid": row["distilled"]})
+        head.save(out / "exit_heads" / f"L{E}", {"model_fingerprint": bb.fingerprint, "valid": row["final"],
+                                                 "kept": row["kept"]})
         saved[E] = str(out / "exit_heads" / f"L{E}")
     meta = {"model_fingerprint": bb.fingerprint, "adapter_dir": adapter, "exit_layers": sorted(saved),
             "draft_layer": choice.draft_layer, "vocab": choice.vocab, "late_boundary": [cfg.late_boundary],
-            "draft_max": cfg.draft_max, "draft_min_confidence": cfg.draft_min_confidence}
+            "draft_max": choice.draft_max, "draft_min_confidence": choice.draft_min_confidence}
     io.write_json(out / "runtime.json", meta)
     return meta
 
@@ -278,7 +359,7 @@ def bench_prompts(bb, rows: dict, cfg: RuntimeArgs) -> list[tuple[str, list[int]
     out = [(f"heldout-{i}", bb.encode(r["text"], max_tokens=96, truncate=True)) for i, r in enumerate(held[:cfg.bench_prompts])]
     ids = []
     for r in held:
-        ids += bb.encode(r["text"])[(1 if ids else 0):]
+        ids += bb.encode(r["text"], max_tokens=cfg.long_prompt_tokens, truncate=True)[(1 if ids else 0):]
         if len(ids) >= cfg.long_prompt_tokens:
             break
     if len(ids) < cfg.long_prompt_tokens:
@@ -300,7 +381,8 @@ def benchmark(bb, heads, prompts, cfg: RuntimeArgs) -> Bench:
     from agp.runtime.generator import GenerateArgs
     from agp.runtime.measure import agreement, run_anchor, run_mode
     n = cfg.bench_new_tokens
-    spec_args = dict(draft_max=cfg.draft_max, draft_min_confidence=cfg.draft_min_confidence)
+    spec_args = dict(draft_max=heads.meta.get("draft_max", cfg.draft_max),
+                     draft_min_confidence=heads.meta.get("draft_min_confidence", cfg.draft_min_confidence))
     run_mode(bb, "full", None, prompts[0][1], 4, "warmup")
     runs = []
     lossy = lossy_modes(heads, cfg)
@@ -411,6 +493,7 @@ def run(run, args) -> dict:
     bb = src.bb
     if any(not 0 < E < bb.n_layers for E in cfg.exit_layers):
         raise AGPError(f"--runtime-exit-layers must lie in 1..{bb.n_layers - 1}, got {cfg.exit_layers}")
+    cfg.exit_layers, cfg.late_boundary = routed_layers(run, bb.n_layers, cfg)
     timings = {"load_s": time.perf_counter() - t0}
     t = time.perf_counter()
     train = collect_states(bb, pick(src.rows["train"], cfg.prompts), cfg.exit_layers, cfg.max_tokens,
@@ -431,11 +514,13 @@ def run(run, args) -> dict:
     bench = benchmark(bb, heads, bench_prompts(bb, src.rows, cfg), cfg)
     timings["benchmark_s"] = time.perf_counter() - t
     io.write_json(out / "bench.json", {"runs": bench.runs, "table": bench.table})
-    io.write_json(out / "sweep.json", {"rows": sweep.rows, "choice": choice.table})
+    io.write_json(out / "sweep.json", {"rows": sweep.rows, "choice_table": choice.table})
     metrics = {"config": cfg.to_dict(), "backbone": "adapter" if src.adapter_dir else "base",
                "adapter_dir": src.adapter_dir, "model_fingerprint": bb.fingerprint, "runtime": meta,
                "sweep": sweep.rows, "choice": {"draft_layer": choice.draft_layer, "vocab": choice.vocab,
-                                               "expected_speedup": choice.expected_speedup, "table": choice.table},
+                                               "draft_min_confidence": choice.draft_min_confidence,
+                                               "draft_max": choice.draft_max,
+                                               "expected_speedup": choice.expected_speedup},
                "bench": {"prompts": bench.prompts, "table": bench.table, "profile": bench.profile},
                "states": {"train_positions": int(len(train.hidden[bb.n_layers])),
                           "valid_positions": int(len(valid.hidden[bb.n_layers])),
