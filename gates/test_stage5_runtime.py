@@ -69,3 +69,20 @@ def test_report_and_frontier_exist(agp_run):
     d = agp_run.path / "runtime"
     assert (d / "report.md").exists() and (d / "frontier.png").exists()
     assert "speculative" in (d / "report.md").read_text()
+
+
+def _cheapest_at(table, prefix, target):
+    pts = [r["mac_ratio_vs_full"] for m, r in table.items() if m.startswith(prefix) and r["agreement_vs_full"] >= target]
+    return min(pts) if pts else None
+
+
+@pytest.mark.xfail(strict=False, reason="H2 not shown: at the calibrated gate routed agreed 0.31 with full depth "
+                   "at 0.80 of its MACs while entropy@0.8 agreed 1.00 at 0.83 (issue 15 note); the controller's "
+                   "accept decisions at D=12 are too often wrong for free-running generation")
+@pytest.mark.parametrize("target", T.STAGE5_AGREEMENT_TARGETS)
+def test_routed_dominates_entropy_and_fixed_exits(table, target):
+    r = table["routed"]
+    assert r["agreement_vs_full"] >= target, f"routed agreement {r['agreement_vs_full']:.3f} below {target}"
+    for prefix in ("entropy", "exit:"):
+        other = _cheapest_at(table, prefix, target)
+        assert other is None or r["mac_ratio_vs_full"] < other, f"{prefix} reaches {target} at {other:.3f} MACs"

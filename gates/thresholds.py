@@ -134,7 +134,18 @@ INDEX_RERANK100_RECALL10_MIN = 0.97
 # drafts to matter (the issue: "a context over 600 tokens"); the stage uses 640.
 STAGE5_LONG_PROMPT_MIN_TOKENS = 600
 # Weight reads per emitted token, speculative / full depth (deterministic given the accepted
-# drafts). Below 1 means speculation streams fewer weights per token than plain decoding.
-STAGE5_SPEC_READ_RATIO_MAX = 1.0
-# Draft acceptance floor: a draft head that is never accepted makes speculation pure overhead.
-STAGE5_SPEC_ACCEPTANCE_MIN = 0.2
+# drafts). Below 1 means speculation streams fewer weights per token than plain decoding; measured
+# 0.647 (runtime stage, CI reference run, E=15 V=4096 gate 0.5 k<=3: 2.23 tokens per verify pass).
+# The issue asked for *MACs* below full depth; that cannot hold for lossless greedy speculation
+# (every emitted position is computed at full depth, plus the drafts): measured MAC ratio 1.041,
+# asserted >= 1 below so the accounting stays honest. Weight reads are what bound decode time here.
+STAGE5_SPEC_READ_RATIO_MAX = 0.9
+# Draft acceptance floor: measured 0.945 with the confidence gate chosen by the cost model (0.26 in
+# an earlier run with an ungated E=6 draft). 0.5 fails a draft head or gate that regressed to the
+# point where speculation stops paying (the cost model's break-even is ~0.3-0.4 at E=15).
+STAGE5_SPEC_ACCEPTANCE_MIN = 0.5
+# Agreement targets for "routed dominates entropy and exit:L" (the seeds' H2), token agreement with
+# full-depth greedy over the benchmark's new tokens. Measured (runtime stage on the CI reference run,
+# 2 held-out prompts x 32 tokens): routed 0.31 at 0.80 MACs; entropy@0.5 0.50 at 0.63, entropy@0.8
+# 1.00 at 0.83; exit:L <= 0.16 everywhere. Routed does not dominate, so the check is an xfail.
+STAGE5_AGREEMENT_TARGETS = (0.3, 0.9)

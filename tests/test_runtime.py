@@ -221,3 +221,43 @@ def test_routed_mode_runs_every_action_and_never_reads_stale_kv(long_tiny):
         if e.action in ("escalate", "revive_local"):
             assert e.token == ref[e.position - 1]
     assert len(evs) == 40 and len({e.action for e in evs}) >= 2
+
+
+@pytest.mark.slow
+def test_real_270m_speculative_equals_full_past_the_window():
+    """A ridge-fitted shortlist exit head at layer 15 drafts; output equals full on a 640-token
+    context (mlx-lm's 512-token rotating window has wrapped) and on a short one."""
+    from agp.data.prompt_pack import build_prompt_pack
+    from agp.heads.exit import ridge_start, shortlist
+    from agp.oracle.probes import hidden_at
+    bb = load()
+    E = 15
+    texts = [r["text"] for r in build_prompt_pack()[:12]]
+    ids_list = [bb.encode(t, max_tokens=128, truncate=True) for t in texts]
+    hs = [hidden_at(bb, ids, [E, bb.n_layers], list(range(1, len(ids)))) for ids in ids_list]
+    head = ExitHead.identity(bb, E, shortlist(ids_list, bb.vocab_size, 4096))
+    ridge_start(head, np.concatenate([h[E] for h in hs]), np.concatenate([h[bb.n_layers] for h in hs]))
+    heads = RuntimeHeads(exits={E: head}, draft_layer=E)
+    long_ids = bb.encode(Path(inspect.getsourcefile(json)).read_text(), max_tokens=640, truncate=True)
+    for ids in (bb.encode("def fibonacci(n):"), long_ids):
+        full, _ = ours(bb, ids, 24)
+        spec, s = ours(bb, ids, 24, "speculative", heads, draft_max=3, draft_min_confidence=0.5)
+        assert spec == full
+        assert s.drafted > 0
+
+
+def test_ctrl_c_prints_what_was_generated_and_the_summary(tiny_model_dir, capsys, monkeypatch):
+    """An interrupt after the second token: the text so far and a summary marked [interrupted]."""
+    from agp.cli import main
+    from agp.runtime import generator as G
+    real = G.Generator.generate
+
+    def interrupted(self, prompt):
+        for i, ev in enumerate(real(self, prompt)):
+            yield ev
+            if i == 1:
+                raise KeyboardInterrupt
+    monkeypatch.setattr(G.Generator, "generate", interrupted)
+    assert main(["generate", "abc", "--model", tiny_model_dir["gemma3_text"], "--max-new-tokens", "8"]) == 130
+    err = capsys.readouterr().err
+    assert "[full] 2 tokens" in err and "[interrupted]" in err

@@ -8,6 +8,7 @@ def add_arguments(p):
     p.add_argument("--run", default=None, help="finished run with the runtime stage (default runs/latest)")
     p.add_argument("--prompts", type=int, default=3, help="held-out prompts (plus one over 600 tokens; default 3)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per prompt and mode (default 32)")
+    p.add_argument("--lossy-prompts", type=int, default=1, help="prompts the lossy modes also decode (default 1)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
@@ -25,7 +26,7 @@ def main(args) -> int:
     bb = load(None, adapter=meta.get("adapter_dir"))
     mode = "routed" if run.stage("controller").get("status") == "done" else "speculative"
     heads = H.load(run, bb, mode)
-    cfg = R.RuntimeArgs(bench_prompts=args.prompts, bench_new_tokens=args.new_tokens,
+    cfg = R.RuntimeArgs(bench_prompts=args.prompts, bench_new_tokens=args.new_tokens, lossy_prompts=args.lossy_prompts,
                         draft_max=meta.get("draft_max", 4), draft_min_confidence=meta.get("draft_min_confidence", 0.3))
     bench = R.benchmark(bb, heads, R.bench_prompts(bb, R.source_rows(run), cfg), cfg)
     if args.json:

@@ -390,6 +390,7 @@ def benchmark(bb, heads, prompts, cfg: RuntimeArgs) -> Bench:
     n = cfg.bench_new_tokens
     spec_args = dict(draft_max=heads.meta.get("draft_max", cfg.draft_max),
                      draft_min_confidence=heads.meta.get("draft_min_confidence", cfg.draft_min_confidence))
+    run_anchor(bb, prompts[0][1], 4, "warmup")         # both paths warm before anything is timed
     run_mode(bb, "full", None, prompts[0][1], 4, "warmup")
     runs = []
     lossy = lossy_modes(heads, cfg)
