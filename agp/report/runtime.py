@@ -12,10 +12,26 @@ def _prompts(m) -> str:
     return ", ".join(f"{p['name']} ({p['tokens']} tok)" for p in m["bench"]["prompts"])
 
 
-def frontier_plot(table: list[dict], path) -> None:
-    """Token agreement with full depth vs MACs per token (ratio to full depth), one point per method."""
+def frontier_plot(table: list[dict], path, teacher=None) -> None:
+    """Left: token agreement with full-depth greedy generation vs MACs per token (ratio to full
+    depth), one point per benchmarked mode. Right: teacher-forced next-token top-1 on held-out
+    positions vs MACs, along each method's sweep."""
     from agp.report.plots import plt, save
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = {"exit:L": "tab:orange", "entropy": "tab:green", "routed": "tab:red", "full": "black"}
+    for method in ("exit:L", "entropy", "routed", "full"):
+        pts = sorted((p for p in (teacher or []) if p["method"] == method), key=lambda p: p["mac_ratio"])
+        if pts:
+            ax2.plot([p["mac_ratio"] for p in pts], [p["top1"] for p in pts], "o-", ms=4, color=colors[method], label=method)
+            for p in pts:
+                if p.get("calibrated"):
+                    ax2.plot(p["mac_ratio"], p["top1"], "*", ms=14, color="tab:red", label="routed (calibrated gate)")
+    ax2.set_xlabel("MACs per token / full depth")
+    ax2.set_ylabel("teacher-forced top-1 agreement with full depth")
+    ax2.set_ylim(-0.02, 1.05)
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
+    ax2.set_title("Held-out positions (teacher forced), every sweep", fontsize=9)
     groups = {"exit:": ("s", "tab:orange"), "entropy": ("^", "tab:green"), "routed": ("*", "tab:red"),
               "speculative": ("D", "tab:blue"), "full": ("o", "black")}
     for row in table:
@@ -34,7 +50,7 @@ def frontier_plot(table: list[dict], path) -> None:
 
 
 def write_report(out, m: dict) -> None:
-    frontier_plot(m["bench"]["table"], out / "frontier.png")
+    frontier_plot(m["bench"]["table"], out / "frontier.png", m.get("teacher_forced", {}).get("points"))
     lines = ["## Stage runtime — generation modes measured against full depth\n",
              f"Backbone: {m['backbone']}. Prompts: {_prompts(m)}; "
              f"{m['config']['bench_new_tokens']} new tokens each, greedy. Ratios are within this run.\n",
@@ -58,6 +74,13 @@ def write_report(out, m: dict) -> None:
                      f"{_f(dist)} ({r['kept']}) | {r['final']['coverage']:.3f} | "
                      f"{r['final']['kl_shortlist']:.2f} | {r['exit_head_ms']:.1f} / {r['exit_head_macs'] / 1e6:.1f}M | "
                      f"{r['full_head_ms']:.1f} |")
+    tf = m.get("teacher_forced")
+    if tf:
+        lines += ["", f"### Teacher-forced frontier ({tf['positions']} held-out positions)\n",
+                  "| method | parameter | top-1 vs full | MACs vs full |", "|---|---|---|---|"]
+        for p in tf["points"]:
+            star = " (calibrated)" if p.get("calibrated") else ""
+            lines.append(f"| {p['method']} | {_f(p['param'], '{:g}')}{star} | {p['top1']:.3f} | {p['mac_ratio']:.3f} |")
     ch = m["choice"]
     lines += ["", f"Draft chosen by the cost model (agp.train.runtime.expected_speedup, from the valid-set "
               f"confidence curves): E={ch['draft_layer']}, V={ch['vocab']}, confidence gate {ch['draft_min_confidence']:g}, "

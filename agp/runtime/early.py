@@ -146,7 +146,9 @@ class EarlyExitDecoder:
         from agp.oracle.labels import ROUTES
         feats = np.concatenate([np.asarray(got[r][0, -1].astype(mx.float32)) for r in self.read])[None]
         dec = route_decisions(self.ctl, self.calib, feats)
-        action = "escalate" if bool(dec["abstain"][0]) else ROUTES[int(dec["action"][0])]
+        gate = self.args.routed_gate
+        abstain = bool(dec["abstain"][0]) if gate is None else float(dec["confidence"][0]) < gate
+        action = "escalate" if abstain else ROUTES[int(dec["action"][0])]
         cost = Cost(self.ctl.macs(), self.ctl.macs())
         if action == "accept_local":
             t, _, c = self.exit_token(self.accept_head, h)

@@ -25,6 +25,7 @@ class GenerateArgs(ConfigMixin):
     draft_max: int = 4              # speculative: most tokens drafted per round
     draft_min_confidence: float = 0.3   # speculative: stop drafting below this shortlist top-1 probability
     entropy_threshold: float = 0.9  # entropy mode: exit when the exit head's top-1 probability is at least this
+    routed_gate: float | None = None  # routed: abstain (escalate) below this confidence; None = calibrated gate
     stop_at_eos: bool = True
     mode: str = "full"             # set by Generator
 

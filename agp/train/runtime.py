@@ -58,6 +58,7 @@ class RuntimeArgs(ConfigMixin):
     draft_max: int = 4
     draft_min_confidence: float = 0.3
     entropy_thresholds: list = field(default_factory=lambda: [0.5, 0.8])
+    routed_gates: list = field(default_factory=lambda: [0.6])   # abstain gates swept besides the calibrated one
     late_boundary: int | None = None  # routed: continue_local exits here (None: n - 3, after D)
     seed: int = 0
 
@@ -66,7 +67,7 @@ class RuntimeArgs(ConfigMixin):
         return cls(prompts=300, max_tokens=256, exit_layers=[4, 6, 9, 12, 15], vocabs=[1024, 16384, 65536],
                    vocab_layers=None, head_steps=400, head_batch=256, bench_prompts=12, lossy_prompts=12,
                    bench_new_tokens=64,
-                   entropy_thresholds=[0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
+                   entropy_thresholds=[0.3, 0.5, 0.7, 0.8, 0.9, 0.95], routed_gates=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
 
 
 def add_arguments(p):
@@ -381,6 +382,7 @@ def lossy_modes(heads, cfg: RuntimeArgs) -> list[tuple[str, dict]]:
     modes += [("entropy", {"entropy_threshold": t}) for t in cfg.entropy_thresholds]
     if heads.controller is not None:
         modes.append(("routed", {}))
+        modes += [("routed", {"routed_gate": g}) for g in cfg.routed_gates]
     return modes
 
 
@@ -419,7 +421,11 @@ def benchmark(bb, heads, prompts, cfg: RuntimeArgs) -> Bench:
 
 
 def _label(mode: str, kw: dict) -> str:
-    return f"entropy@{kw['entropy_threshold']:g}" if mode == "entropy" else mode
+    if mode == "entropy":
+        return f"entropy@{kw['entropy_threshold']:g}"
+    if mode == "routed" and kw.get("routed_gate") is not None:
+        return f"routed@gate{kw['routed_gate']:g}"
+    return mode
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -489,6 +495,64 @@ def profile_components(bb, heads, ids: list[int]) -> dict:
     return out
 
 
+# --- teacher-forced frontier ----------------------------------------------------------------------
+@dataclass
+class Frontier:
+    points: list                     # {"method", "param", "top1", "mac_ratio"} on held-out positions
+    positions: int
+
+
+def teacher_forced_frontier(bb, heads, states: States, costs, cfg: RuntimeArgs) -> Frontier:
+    """Next-token top-1 agreement with full depth vs MACs on held-out text positions (teacher
+    forced: every position sees the true prefix), for exit:L, entropy along a threshold sweep and
+    routed along an abstain-gate sweep. MACs follow the runtime's accounting: exit:L stops at L;
+    entropy and routed pay every layer (catch-up) and save on the head."""
+    from agp.heads.exit import full_top1
+    L, ctx = bb.n_layers, cfg.max_tokens
+    top1 = full_top1(bb, states.hidden[L])
+    full = costs.full_token(ctx).macs
+    layers_all = costs.layers(0, L, ctx).macs
+    exit_tok, exit_p1 = {}, {}
+    for E, head in heads.exits.items():
+        z = head.logits(mx.array(states.hidden[E]))
+        p = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
+        t = head.ids[mx.argmax(z, axis=-1)]
+        mx.eval(p, t)
+        exit_tok[E], exit_p1[E] = np.asarray(t), np.asarray(p)
+    pts = [{"method": "full", "param": None, "top1": 1.0, "mac_ratio": 1.0}]
+    for E, head in sorted(heads.exits.items()):
+        pts.append({"method": "exit:L", "param": E, "top1": float((exit_tok[E] == top1).mean()),
+                    "mac_ratio": (costs.layers(0, E, ctx).macs + head.macs()) / full})
+    E = heads.draft_layer
+    for t in sorted(set(TAUS) | set(cfg.entropy_thresholds) | {0.95, 0.99}):
+        ex = exit_p1[E] >= t
+        tok = np.where(ex, exit_tok[E], top1)
+        macs = layers_all + np.where(ex, heads.exits[E].macs(), costs.head_macs)
+        pts.append({"method": "entropy", "param": float(t), "top1": float((tok == top1).mean()),
+                    "mac_ratio": float(macs.mean() / full)})
+    if heads.controller is not None:
+        pts += routed_points(heads, states, top1, exit_tok, layers_all, full, costs)
+    return Frontier(pts, int(len(top1)))
+
+
+def routed_points(heads, states: States, top1, exit_tok, layers_all, full, costs) -> list[dict]:
+    from agp.calibrate.policy import ACC, CONT
+    from agp.heads.controller import route_decisions
+    ctl, cal = heads.controller
+    D, B = int(cal["decision_layer"]), int(heads.meta.get("late_boundary", [costs.n - 3])[0])
+    feats = np.concatenate([states.hidden[r] for r in cal["read_layers"]], axis=1)
+    dec = route_decisions(ctl, cal, feats)
+    out = []
+    for g in sorted({float(cal["abstain_gate"])} | {round(x, 2) for x in np.linspace(0, 1, 11)}):
+        act = np.where(dec["confidence"] < g, -1, dec["action"])
+        tok = np.where(act == ACC, exit_tok[D], np.where(act == CONT, exit_tok[B], top1))
+        head = np.where(act == ACC, heads.exits[D].macs(), np.where(act == CONT, heads.exits[B].macs(), costs.head_macs))
+        out.append({"method": "routed", "param": g, "calibrated": g == float(cal["abstain_gate"]),
+                    "top1": float((tok == top1).mean()),
+                    "mac_ratio": float((layers_all + head + ctl.macs()).mean() / full)})
+    return out
+
+
 # --- the stage ------------------------------------------------------------------------------------
 def run(run, args) -> dict:
     """Exit heads, then every mode on the same prompts; writes <run>/runtime/."""
@@ -519,6 +583,9 @@ def run(run, args) -> dict:
     # the benchmark loads the heads from disk exactly as `agp generate` does
     heads = H.load(run, bb, "routed" if run.stage("controller").get("status") == "done" else "speculative",
                    finished=False)
+    held = collect_states(bb, pick(src.rows["heldout"], max(cfg.prompts // 4, 2)), sorted(heads.exits), cfg.max_tokens,
+                          cfg.max_tokens, "held-out states")
+    frontier = teacher_forced_frontier(bb, heads, held, costs, cfg)
     t = time.perf_counter()
     bench = benchmark(bb, heads, bench_prompts(bb, src.rows, cfg), cfg)
     timings["benchmark_s"] = time.perf_counter() - t
@@ -531,6 +598,7 @@ def run(run, args) -> dict:
                                                "draft_max": choice.draft_max,
                                                "expected_speedup": choice.expected_speedup},
                "bench": {"prompts": bench.prompts, "table": bench.table, "profile": bench.profile},
+               "teacher_forced": {"positions": frontier.positions, "points": frontier.points},
                "states": {"train_positions": int(len(train.hidden[bb.n_layers])),
                           "valid_positions": int(len(valid.hidden[bb.n_layers])),
                           "train_prompts": train.prompts, "valid_prompts": valid.prompts},
