@@ -71,18 +71,21 @@ def test_report_and_frontier_exist(agp_run):
     assert "speculative" in (d / "report.md").read_text()
 
 
-def _cheapest_at(table, prefix, target):
-    pts = [r["mac_ratio_vs_full"] for m, r in table.items() if m.startswith(prefix) and r["agreement_vs_full"] >= target]
-    return min(pts) if pts else None
+def _cheapest_at(points, method, target):
+    macs = [p["mac_ratio"] for p in points if p["method"] == method and p["top1"] >= target]
+    return min(macs) if macs else None
 
 
-@pytest.mark.xfail(strict=False, reason="H2 not shown: at the calibrated gate routed agreed 0.31 with full depth "
-                   "at 0.80 of its MACs while entropy@0.8 agreed 1.00 at 0.83 (issue 15 note); the controller's "
-                   "accept decisions at D=12 are too often wrong for free-running generation")
+@pytest.mark.xfail(strict=False, reason="H2 not shown on the reference run: teacher-forced top-1 0.958 for routed "
+                   "at its calibrated gate costs 0.852 of full depth's MACs; entropy reaches 0.965 at 0.744 "
+                   "(gates/thresholds.py STAGE5_AGREEMENT_TARGETS)")
 @pytest.mark.parametrize("target", T.STAGE5_AGREEMENT_TARGETS)
-def test_routed_dominates_entropy_and_fixed_exits(table, target):
-    r = table["routed"]
-    assert r["agreement_vs_full"] >= target, f"routed agreement {r['agreement_vs_full']:.3f} below {target}"
-    for prefix in ("entropy", "exit:"):
-        other = _cheapest_at(table, prefix, target)
-        assert other is None or r["mac_ratio_vs_full"] < other, f"{prefix} reaches {target} at {other:.3f} MACs"
+def test_routed_dominates_entropy_and_fixed_exits(rec, target):
+    """On the teacher-forced frontier (held-out positions, every sweep): at each agreement target
+    routed reaches it with fewer MACs than entropy and every exit:L."""
+    pts = rec["metrics"]["teacher_forced"]["points"]
+    mine = _cheapest_at(pts, "routed", target)
+    assert mine is not None, f"routed never reaches top-1 {target}"
+    for method in ("entropy", "exit:L"):
+        other = _cheapest_at(pts, method, target)
+        assert other is None or mine < other, f"{method} reaches {target} at {other:.3f} MACs, routed at {mine:.3f}"

@@ -135,17 +135,20 @@ INDEX_RERANK100_RECALL10_MIN = 0.97
 STAGE5_LONG_PROMPT_MIN_TOKENS = 600
 # Weight reads per emitted token, speculative / full depth (deterministic given the accepted
 # drafts). Below 1 means speculation streams fewer weights per token than plain decoding; measured
-# 0.647 (runtime stage, CI reference run, E=15 V=4096 gate 0.5 k<=3: 2.23 tokens per verify pass).
+# 0.647 in two runtime-stage runs on the CI reference run (E=15 V=4096 gate 0.5 k<=3: 2.23 tokens
+# per verify pass); 0.9 fails a draft whose acceptance fell to where rounds average < ~1.5 tokens.
 # The issue asked for *MACs* below full depth; that cannot hold for lossless greedy speculation
 # (every emitted position is computed at full depth, plus the drafts): measured MAC ratio 1.041,
 # asserted >= 1 below so the accounting stays honest. Weight reads are what bound decode time here.
 STAGE5_SPEC_READ_RATIO_MAX = 0.9
-# Draft acceptance floor: measured 0.945 with the confidence gate chosen by the cost model (0.26 in
-# an earlier run with an ungated E=6 draft). 0.5 fails a draft head or gate that regressed to the
+# Draft acceptance floor: measured 0.945 (twice) with the confidence gate the cost model chose,
+# 0.96 in `agp bench runtime` on 4 prompts (0.26 in an earlier run with an ungated E=6 draft). 0.5 fails a draft head or gate that regressed to the
 # point where speculation stops paying (the cost model's break-even is ~0.3-0.4 at E=15).
 STAGE5_SPEC_ACCEPTANCE_MIN = 0.5
-# Agreement targets for "routed dominates entropy and exit:L" (the seeds' H2), token agreement with
-# full-depth greedy over the benchmark's new tokens. Measured (runtime stage on the CI reference run,
-# 2 held-out prompts x 32 tokens): routed 0.31 at 0.80 MACs; entropy@0.5 0.50 at 0.63, entropy@0.8
-# 1.00 at 0.83; exit:L <= 0.16 everywhere. Routed does not dominate, so the check is an xfail.
-STAGE5_AGREEMENT_TARGETS = (0.3, 0.9)
+# Agreement targets for "routed dominates entropy and exit:L" (the seeds' H2): teacher-forced
+# next-token top-1 agreement with full depth on held-out positions, along each method's sweep.
+# Measured (runtime stage on the CI reference run, 741 held-out positions): routed at its
+# calibrated gate 0.958 at 0.852 of full depth's MACs (0.977 at 0.892 with gate 0.5); entropy
+# (E=15 shortlist head) 0.910 at 0.644, 0.949 at 0.703, 0.965 at 0.744; exit:15 0.704 at 0.332.
+# Entropy reaches both targets more cheaply, so routed does not dominate: the check is an xfail.
+STAGE5_AGREEMENT_TARGETS = (0.9, 0.95)
