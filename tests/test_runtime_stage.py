@@ -84,3 +84,10 @@ def test_generate_names_the_missing_stage(tiny_run, capsys, tmp_path):
     (bare / "manifest.json").write_text(json.dumps(m))
     assert main(["generate", "x", "--mode", "speculative", "--run", str(bare), "--model", model]) == 2
     assert "agp run --stage runtime" in capsys.readouterr().err
+
+
+def test_bench_runtime_reads_the_run(tiny_run, capsys):
+    run, _, _ = tiny_run
+    assert main(["bench", "runtime", "--run", str(run.path), "--prompts", "1", "--new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "speculative" in out and "mlx_lm.generate" in out and "profile (ms)" in out

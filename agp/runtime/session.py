@@ -24,15 +24,15 @@ def open_generator(mode: str, args, run_dir: str | None = None, model: str | Non
                 raise AGPError(f"mode {mode} needs a run with the runtime stage; run `agp run` "
                                f"(or give --run DIR)") from None
     adapter = None
-    if run is not None and (H.needs_heads(mode) or model is None):
-        try:
+    if run is not None and model is None:
+        try:   # the backbone the run's heads were made on: its model and adapter
             src = H.backbone_source(run)
-            adapter = src.get("adapter_dir")
+            model, adapter = src.get("model"), src.get("adapter_dir")
             if adapter and not Path(adapter).exists():
                 raise AGPError(f"the run's adapter {adapter} is missing; rerun `agp run --stage adapter`")
         except AGPError:
             if H.needs_heads(mode):
                 raise
-    bb = load(model, adapter=adapter if model is None else None)
+    bb = load(model, adapter=adapter)
     heads = H.load(run, bb, mode) if H.needs_heads(mode) else None
     return Generator(bb, mode, heads, args)

@@ -334,7 +334,8 @@ def choose_draft(bb, sweep: ExitSweep, costs, cfg: RuntimeArgs) -> Choice:
     return Choice(best["layer"], best["vocab"], best["tau"], best["k"], best["expected_speedup"], table)
 
 
-def save_heads(out: Path, bb, sweep: ExitSweep, choice: Choice, adapter: str | None, cfg: RuntimeArgs) -> dict:
+def save_heads(out: Path, bb, sweep: ExitSweep, choice: Choice, adapter: str | None, cfg: RuntimeArgs,
+               model: str | None = None) -> dict:
     """One head per exit layer (at the chosen V) + runtime.json naming the draft layer and backbone."""
     saved = {}
     for (E, V), head in sweep.heads.items():
@@ -344,7 +345,7 @@ def save_heads(out: Path, bb, sweep: ExitSweep, choice: Choice, adapter: str | N
         head.save(out / "exit_heads" / f"L{E}", {"model_fingerprint": bb.fingerprint, "valid": row["final"],
                                                  "kept": row["kept"]})
         saved[E] = str(out / "exit_heads" / f"L{E}")
-    meta = {"model_fingerprint": bb.fingerprint, "adapter_dir": adapter, "exit_layers": sorted(saved),
+    meta = {"model_fingerprint": bb.fingerprint, "model": model, "adapter_dir": adapter, "exit_layers": sorted(saved),
             "draft_layer": choice.draft_layer, "vocab": choice.vocab, "late_boundary": [cfg.late_boundary],
             "draft_max": choice.draft_max, "draft_min_confidence": choice.draft_min_confidence}
     io.write_json(out / "runtime.json", meta)
@@ -453,6 +454,8 @@ def summarise(runs: list[dict]) -> list[dict]:
             "identical_vs_mlx_lm": [r["vs_anchor"]["identical"] for r in rs],
             "first_divergence": [r["vs_full"]["first_divergence"] for r in rs],
             "acceptance": (sum(x.get("accepted", 0) for x in s) / drafted) if drafted else None,
+            "acceptance_per_prompt": {r["prompt"]: r["summary"].get("acceptance") for r in rs} if drafted else None,
+            "tokens_per_round_per_prompt": {r["prompt"]: r["summary"].get("tokens_per_round") for r in rs} if drafted else None,
             "tokens_per_round": mean("tokens_per_round") if drafted else None,
             "actions": {k: sum(x["actions"].get(k, 0) for x in s) for k in sorted({k for x in s for k in x.get("actions", {})})},
         })
@@ -489,7 +492,8 @@ def profile_components(bb, heads, ids: list[int]) -> dict:
         out["controller_ms"] = (time.perf_counter() - t) / 8 * 1e3
     from agp.runtime.measure import run_mode
     r = run_mode(bb, "full", None, ids, 8, "profile")
-    out["full_step_ms_measured"] = float(np.median(r.step_ms[1:])) if len(r.step_ms) > 1 else None
+    # best step, like the components (a median would mix in the other sessions' load)
+    out["full_step_ms_measured"] = float(np.min(r.step_ms[1:])) if len(r.step_ms) > 1 else None
     if out["full_step_ms_measured"]:
         out["python_overhead_ms"] = out["full_step_ms_measured"] - out["layers_all_ms"] - out["full_head_ms"]
     return out
@@ -579,7 +583,7 @@ def run(run, args) -> dict:
     timings["exit_heads_s"] = time.perf_counter() - t
     costs = CostModel(bb)
     choice = choose_draft(bb, sweep, costs, cfg)
-    meta = save_heads(out, bb, sweep, choice, src.adapter_dir, cfg)
+    meta = save_heads(out, bb, sweep, choice, src.adapter_dir, cfg, getattr(args, "model", None))
     # the benchmark loads the heads from disk exactly as `agp generate` does
     heads = H.load(run, bb, "routed" if run.stage("controller").get("status") == "done" else "speculative",
                    finished=False)
