@@ -22,6 +22,8 @@ ORDER = [
     ("baseline", "agp.train.baseline"),
     ("adapter", "agp.train.adapter"),
     ("controller", "agp.train.controller"),
+    # after the controller: the routed mode reads its heads; the exit heads need only the backbone and lanes
+    ("runtime", "agp.train.runtime"),
     ("depth", "agp.train.depth"),
     ("semantic", "agp.train.semantic"),
     ("transfer", "agp.train.transfer"),

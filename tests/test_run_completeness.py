@@ -18,7 +18,10 @@ from agp.commands.run import _todo
 
 TINY = ["--no-gates", "--baseline-prompts", "1", "--baseline-decode-tokens", "2",
         "--adapter-iters", "2", "--adapter-blocks", "1", "--adapter-max-seq", "96", "--adapter-eval-rows", "2",
-        "--adapter-checkpoint-every", "2", "--controller-prompts", "16", "--controller-steps", "20"]
+        "--adapter-checkpoint-every", "2", "--controller-prompts", "16", "--controller-steps", "20",
+        "--runtime-exit-layers", "2,3", "--runtime-prompts", "6", "--runtime-bench-prompts", "1",
+        "--runtime-new-tokens", "4", "--runtime-long-prompt-tokens", "300", "--runtime-head-steps", "5",
+        "--runtime-vocabs", "128"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def test_failed_and_interrupted_stages_are_rerun(baseline_only, tmp_path, capsys
     run.update_stage("adapter", status="running", started=1.0)  # killed mid-stage
     run.update_stage("controller", status="failed", started=1.0, error="boom")
     assert main(["run", "--runs", str(root), "--model", baseline_only[1], *TINY]) == 0
-    assert "(to do: adapter, controller" in capsys.readouterr().out
+    assert "(to do: adapter, controller" in capsys.readouterr().out  # runtime, after them, too
     again = runs.latest_run(root)
     assert again.id == run.id
     for name in ("adapter", "controller"):

@@ -102,6 +102,16 @@ class Backbone:
             got[stop] = h
         return p, h, at, got
 
+    def run_layers(self, h: mx.array, a: int, b: int, cache=None, ctx: segments.Pass | None = None) -> mx.array:
+        """Layers [a, b) on `h` (the runtime's drafts, verifications and catch-ups). Pass `ctx` (from
+        `start`) when segments of one step share it; without it, masks are derived from `h` and the
+        cache (Gemma 3 only)."""
+        if ctx is None:
+            if self.arch != "gemma3_text":
+                raise AGPError(f"{self.arch} needs the step context: use bb.start(tokens, cache).run(h, a, b)")
+            ctx = _mask_only_pass(self.model, h, cache)
+        return ctx.run(h, a, b)
+
     def head(self, h: mx.array) -> mx.array:
         """Final norm + LM head."""
         return segments.head(self.model, h)
@@ -130,6 +140,23 @@ class Backbone:
 def _as_batch(tokens) -> mx.array:
     t = tokens if isinstance(tokens, mx.array) else mx.array(tokens)
     return t[None] if t.ndim == 1 else t
+
+
+def _mask_only_pass(model, h, cache) -> segments.Pass:
+    """A step context for layers run outside `start` (Gemma 3): the masks mlx-lm would build."""
+    from mlx_lm.models.base import create_attention_mask
+
+    ctx = segments.Pass.__new__(segments.Pass)
+    inner = model.model
+    n = len(inner.layers)
+    ctx.model, ctx.arch, ctx.per_layer = model, model.model_type, [None] * n
+    ctx.cache = list(cache) if cache is not None else [None] * n
+    pattern = inner.sliding_window_pattern
+    # each layer's own cache still holds the offset before this step, so masks match mlx-lm's
+    ctx.masks = [create_attention_mask(h, ctx.cache[i],
+                                       window_size=None if i % pattern == pattern - 1 else inner.window_size)
+                 for i in range(n)]
+    return ctx
 
 
 def weights_fingerprint(path: Path, adapter: str | None = None) -> str:

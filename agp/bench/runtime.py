@@ -1,0 +1,54 @@
+"""Runtime modes vs mlx_lm.generate on held-out prompts (tok/s ratios, MACs, acceptance, agreement)."""
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(p):
+    p.add_argument("--run", default=None, help="finished run with the runtime stage (default runs/latest)")
+    p.add_argument("--model", default=None, help="backbone directory (default: the one the run's heads were made on)")
+    p.add_argument("--prompts", type=int, default=3, help="held-out prompts (plus one over 600 tokens; default 3)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per prompt and mode (default 32)")
+    p.add_argument("--lossy-prompts", type=int, default=1, help="prompts the lossy modes also decode (default 1)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
+def main(args) -> int:
+    from agp import runs
+    from agp.backbone import load
+    from agp.errors import AGPError
+    from agp.runtime import heads as H
+    from agp.train import runtime as R
+
+    if args.prompts < 1 or args.new_tokens < 1:
+        raise AGPError("--prompts and --new-tokens must be at least 1")
+    run = runs.Run(args.run) if args.run else runs.latest_run()
+    meta = H.backbone_source(run)
+    bb = load(args.model or meta.get("model"), adapter=meta.get("adapter_dir"))
+    mode = "routed" if run.stage("controller").get("status") == "done" else "speculative"
+    heads = H.load(run, bb, mode)
+    cfg = R.RuntimeArgs(bench_prompts=args.prompts, bench_new_tokens=args.new_tokens, lossy_prompts=args.lossy_prompts,
+                        draft_max=meta.get("draft_max", 4), draft_min_confidence=meta.get("draft_min_confidence", 0.3))
+    recorded = (run.stage("runtime").get("metrics") or {}).get("config") or {}
+    cfg.long_prompt_tokens = int(recorded.get("long_prompt_tokens", cfg.long_prompt_tokens))   # as the stage did
+    bench = R.benchmark(bb, heads, R.bench_prompts(bb, R.source_rows(run), cfg), cfg)
+    if args.json:
+        print(json.dumps({"table": bench.table, "profile": bench.profile}, indent=2))
+        return 0
+    names = ", ".join(f"{p['name']}={p['tokens']}" for p in bench.prompts)
+    print(f"prompts: {names}; {args.new_tokens} new tokens")
+    print(f"{'mode':<18}{'tok/s x mlx-lm':>15}{'  per prompt':<48}{'MACs x full':>13}{'reads x full':>14}"
+          f"{'agree':>8}{'accept':>8}{'tok/round':>10}")
+    f = lambda x, s="{:.3f}": "-" if x is None else s.format(x)  # noqa: E731
+    for r in bench.table:
+        per = " ".join(f"{v:.2f}" for v in r["tok_s_ratio_per_prompt"].values())
+        print(f"{r['mode']:<18}{r['tok_s_ratio_vs_mlx_lm']:>15.2f}{'  ' + per:<48}{f(r['mac_ratio_vs_full']):>13}"
+              f"{f(r['read_ratio_vs_full']):>14}{r['agreement_vs_full']:>8.3f}{f(r['acceptance'], '{:.2f}'):>8}"
+              f"{f(r['tokens_per_round'], '{:.2f}'):>10}")
+    spec = next((r for r in bench.table if r["mode"] == "speculative"), None)
+    if spec and spec["acceptance_per_prompt"]:
+        print("speculative per prompt (tok/s x mlx-lm, acceptance, tokens/round): " + "; ".join(
+            f"{k} {spec['tok_s_ratio_per_prompt'][k]:.2f} {f(v, '{:.2f}')} {f(spec['tokens_per_round_per_prompt'][k], '{:.2f}')}"
+            for k, v in spec["acceptance_per_prompt"].items()))
+    print("profile (ms): " + ", ".join(f"{k}={v:.1f}" for k, v in bench.profile.items() if v is not None))
+    return 0

@@ -1,0 +1,226 @@
+"""Shortlist exit head: a residual translator at exit layer E plus a head over V frequent tokens.
+
+The full 262144 x 640 head is ~63% of a token's MACs, so an exit (or a draft) that pays it saves
+little. This head reads the hidden state after E blocks, applies a residual affine translator
+(h + h W + b, as the tuned lens), the backbone's own final norm, and then only the V rows of the
+tied embedding that belong to the shortlist (the V most frequent tokens of the project's lanes),
+plus a per-row logit bias. The rows stay the tied embedding rows (frozen, not saved); W, b and
+the bias are trained by distillation: KL from the full-depth distribution restricted to the
+shortlist. With W = b = bias = 0 (`ExitHead.identity`) it is exactly the logit lens restricted
+to the shortlist: the baseline at step 0.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from agp import io
+from agp.config import ConfigMixin
+from agp.errors import AGPError
+
+
+@dataclass
+class ExitHeadArgs(ConfigMixin):
+    layer: int = 6            # exit layer E (hidden state after E blocks)
+    vocab: int = 16384        # shortlist size V
+    steps: int = 300          # distillation steps
+    batch: int = 256          # positions per step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    ridge_init: bool = True   # start W, b from the ridge tuned-lens fit instead of zero
+    seed: int = 0
+
+
+def shortlist(token_lists, vocab_size: int, v: int, always=()) -> np.ndarray:
+    """The v most frequent token ids over `token_lists` (ties: lower id), `always` first; sorted."""
+    counts = Counter()
+    for ids in token_lists:
+        counts.update(int(t) for t in ids)
+    chosen = list(dict.fromkeys(int(t) for t in always if 0 <= int(t) < vocab_size))
+    for tok, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(chosen) >= v:
+            break
+        if tok not in chosen:
+            chosen.append(tok)
+    if len(chosen) < v:       # pad with the lowest ids not seen, so V is what was asked
+        seen = set(chosen)
+        chosen += [t for t in range(vocab_size) if t not in seen][: v - len(chosen)]
+    return np.array(sorted(chosen[:v]), np.int32)
+
+
+class ExitParams(nn.Module):
+    """The trainable part: translator delta W, bias b, per-row logit bias."""
+
+    def __init__(self, hidden: int, v: int):
+        super().__init__()
+        self.W = mx.zeros((hidden, hidden))
+        self.b = mx.zeros((hidden,))
+        self.bias = mx.zeros((v,))
+
+
+class ExitHead:
+    """Translator + final norm + shortlist rows; `logits(h)` over the shortlist, `ids` maps back."""
+
+    def __init__(self, bb, layer: int, ids: np.ndarray, params: ExitParams | None = None):
+        if not 0 < layer < bb.n_layers:
+            raise AGPError(f"exit layer must lie in 1..{bb.n_layers - 1}, got {layer}")
+        self.layer, self.hidden = int(layer), bb.hidden_size
+        self.ids_np = np.asarray(ids, np.int32)
+        self.ids = mx.array(self.ids_np)
+        self.norm = bb.model.model.norm
+        emb = bb.model.model.embed_tokens
+        if not hasattr(emb, "weight") or emb.weight.shape[0] != bb.vocab_size or bb.arch != "gemma3_text":
+            raise AGPError("the shortlist exit head needs tied, unquantised embeddings (Gemma 3 layout)")
+        self.rows = emb.weight[self.ids].astype(mx.float32)
+        mx.eval(self.rows)
+        self.params = params or ExitParams(self.hidden, len(self.ids_np))
+
+    @classmethod
+    def identity(cls, bb, layer: int, ids) -> "ExitHead":
+        return cls(bb, layer, ids)
+
+    def translate(self, h: mx.array) -> mx.array:
+        p = self.params
+        return h + h @ p.W + p.b
+
+    def logits(self, h: mx.array) -> mx.array:
+        """Shortlist logits [..., V] from hidden states after `layer` blocks."""
+        return self.norm(self.translate(h)) @ self.rows.T + self.params.bias
+
+    def teacher_logits(self, h_final: mx.array) -> mx.array:
+        """The full-depth logits restricted to the shortlist (exactly the full head's columns)."""
+        return self.norm(h_final) @ self.rows.T
+
+    def macs(self) -> int:
+        return self.hidden * self.hidden + len(self.ids_np) * self.hidden
+
+    def save(self, d: Path, meta: dict) -> None:
+        d = Path(d)
+        d.mkdir(parents=True, exist_ok=True)
+        w = dict(tree_flatten(self.params.parameters()))
+        with io.atomic_path(d / "exit_head.safetensors") as tmp:
+            path = tmp.with_suffix(".safetensors")
+            mx.save_safetensors(str(path), w)
+            path.replace(tmp)
+        io.write_json(d / "exit_head.json", {**meta, "layer": self.layer, "vocab": len(self.ids_np),
+                                             "shortlist": self.ids_np.tolist()})
+
+    @classmethod
+    def load(cls, bb, d: Path) -> tuple["ExitHead", dict]:
+        d = Path(d)
+        if not (d / "exit_head.json").exists():
+            raise AGPError(f"no exit head at {d}; run `agp run --stage runtime`")
+        meta = json.loads((d / "exit_head.json").read_text())
+        if meta.get("model_fingerprint") not in (None, bb.fingerprint):
+            raise AGPError(f"the exit head at {d} was trained for another model (fingerprint "
+                           f"{str(meta.get('model_fingerprint'))[:12]}, this one {bb.fingerprint[:12]}); "
+                           f"rerun `agp run --stage runtime` for this model")
+        ids = np.asarray(meta["shortlist"], np.int32)
+        params = ExitParams(bb.hidden_size, len(ids))
+        w = mx.load(str(d / "exit_head.safetensors"))
+        for k, v in w.items():
+            if not bool(mx.all(mx.isfinite(v)).item()):
+                raise AGPError(f"exit head at {d} has non-finite values in '{k}'; it is corrupt: "
+                               f"rerun `agp run --stage runtime`")
+        params.load_weights(list(w.items()))
+        return cls(bb, int(meta["layer"]), ids, params), meta
+
+
+def ridge_start(head: ExitHead, h_e: np.ndarray, h_final: np.ndarray, ridge: float = 0.1) -> None:
+    """Set W, b from the residual ridge tuned-lens fit (agp.oracle.probes.fit_translator)."""
+    from agp.oracle.probes import fit_translator
+    t = fit_translator(h_e, h_final, ridge)
+    head.params.W = mx.array(t.W - np.eye(t.W.shape[0], dtype=np.float32))
+    head.params.b = mx.array(t.b)
+
+
+def distill(head: ExitHead, h_e: np.ndarray, h_final: np.ndarray, args: ExitHeadArgs, progress=None) -> dict:
+    """Minimise KL(teacher restricted to the shortlist || exit head) over the positions given."""
+    mx.random.seed(args.seed)
+    n = len(h_e)
+    X, Y = mx.array(h_e.astype(np.float32)), mx.array(h_final.astype(np.float32))
+
+    def loss_fn(params, x, y):
+        head.params = params
+        t = head.teacher_logits(y)
+        logp = t - mx.logsumexp(t, axis=-1, keepdims=True)
+        z = head.logits(x)
+        logq = z - mx.logsumexp(z, axis=-1, keepdims=True)
+        return (mx.exp(logp) * (logp - logq)).sum(-1).mean()
+
+    params = head.params
+    opt = optim.AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
+    step = nn.value_and_grad(params, lambda x, y: loss_fn(params, x, y))
+    rng = np.random.default_rng(args.seed)
+    hist = []
+    for i in range(1, args.steps + 1):
+        idx = mx.array(rng.choice(n, size=min(args.batch, n), replace=False))
+        loss, grads = step(X[idx], Y[idx])
+        opt.update(params, grads)
+        mx.eval(params.parameters(), opt.state, loss)
+        if not np.isfinite(loss.item()):
+            raise AGPError(f"exit-head distillation diverged at step {i} (loss {loss.item()}); lower the lr")
+        if progress is not None:
+            progress.update(1)
+        if i == 1 or i % 50 == 0 or i == args.steps:
+            hist.append({"step": i, "kl": float(loss.item())})
+    head.params = params
+    return {"history": hist}
+
+
+def full_top1(bb, h_final: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The full-depth greedy token at each position (one 262144-wide head pass per batch)."""
+    out = []
+    for a in range(0, len(h_final), batch):
+        t = mx.argmax(bb.head(mx.array(h_final[a:a + batch])), axis=-1)
+        mx.eval(t)
+        out.append(np.asarray(t))
+    return np.concatenate(out)
+
+
+def evaluate(head: ExitHead, h_e: np.ndarray, h_final: np.ndarray, top1: np.ndarray, batch: int = 256) -> dict:
+    """Top-1 agreement with full depth (`top1` from `full_top1`), KL on the shortlist, coverage
+    (share of positions whose full-depth token is in the shortlist)."""
+    agree, kl = [], []
+    for a in range(0, len(h_e), batch):
+        x, y = mx.array(h_e[a:a + batch]), mx.array(h_final[a:a + batch])
+        z = head.logits(x)
+        mine = head.ids[mx.argmax(z, axis=-1)]
+        t = head.teacher_logits(y)
+        logp = t - mx.logsumexp(t, axis=-1, keepdims=True)
+        logq = z - mx.logsumexp(z, axis=-1, keepdims=True)
+        k = (mx.exp(logp) * (logp - logq)).sum(-1)
+        mx.eval(mine, k)
+        agree.append(np.asarray(mine) == top1[a:a + batch])
+        kl.append(np.asarray(k))
+    cat = np.concatenate
+    return {"top1_agree": float(cat(agree).mean()), "kl_shortlist": float(cat(kl).mean()),
+            "coverage": float(np.isin(top1, head.ids_np).mean()), "positions": int(len(h_e))}
+
+
+def confidence_curve(head: ExitHead, h_e: np.ndarray, top1: np.ndarray, taus, batch: int = 256) -> list[dict]:
+    """For each threshold tau: the share of positions whose shortlist top-1 probability is >= tau,
+    and the top-1 agreement with full depth among them (what a confidence-gated draft can expect)."""
+    p1, agree = [], []
+    for a in range(0, len(h_e), batch):
+        z = head.logits(mx.array(h_e[a:a + batch]))
+        p = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
+        tok = head.ids[mx.argmax(z, axis=-1)]
+        mx.eval(p, tok)
+        p1.append(np.asarray(p))
+        agree.append(np.asarray(tok) == top1[a:a + batch])
+    p1, agree = np.concatenate(p1), np.concatenate(agree)
+    out = []
+    for t in taus:
+        m = p1 >= t
+        out.append({"tau": float(t), "share": float(m.mean()),
+                    "acceptance": float(agree[m].mean()) if m.any() else None})
+    return out
