@@ -178,6 +178,23 @@ def read_jsonl(path, fix: str) -> list[dict]:
     return rows
 
 
+def json_safe(value):
+    """Metrics made JSON-safe: NaN/inf -> None, numpy -> python, tuple keys -> strings."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def _jsonable(o):
     import numpy as np
 

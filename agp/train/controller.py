@@ -133,7 +133,7 @@ def run(run, args) -> dict:
     run.manifest.setdefault("datasets", {})["controller/oracle.npz"] = metrics["dataset"]["sha256_oracle"]
     run.update_stage(NAME, artifacts={"heads_dir": run.relative(out / "heads"), "oracle": run.relative(out / "oracle.npz"),
                                       "decisions": run.relative(out / "decisions.jsonl")})
-    return _clean(metrics)
+    return io.json_safe(metrics)
 
 
 @dataclass
@@ -657,21 +657,6 @@ def stage_metrics(run, out, cfg, prompts: Prompts, backbone, layer_macs, probes:
                        "head_macs": backbone.head_macs(), "training": heads.training, "variants": heads.variants},
         "baselines": compared.results, "savings": savings.best, "curves": savings.curves, "timings": timings,
     }
-
-
-def _clean(o):
-    """JSON-safe metrics: NaN -> None, numpy -> python."""
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return _clean(o.tolist())
-    if isinstance(o, np.generic):
-        o = o.item()
-    if isinstance(o, float) and not np.isfinite(o):
-        return None
-    return o
 
 
 CONFIG = ControllerArgs  # the dataclass `agp run` makes this stage's flags and --config section from

@@ -567,7 +567,7 @@ def run(run, args) -> dict:
     timings["total_s"] = time.perf_counter() - t0
     run.update_stage(NAME, artifacts={"runtime_json": run.relative(out / "runtime.json"),
                                       "bench": run.relative(out / "bench.json")})
-    return _clean(metrics)
+    return io.json_safe(metrics)
 
 
 def headline(table: list[dict]) -> dict:
@@ -577,21 +577,6 @@ def headline(table: list[dict]) -> dict:
         return {}
     return {"speculative_tok_s_ratio": row["tok_s_ratio_vs_mlx_lm"], "speculative_acceptance": row["acceptance"],
             "speculative_identical": all(row["identical_vs_full"])}
-
-
-def _clean(o):
-    """JSON-safe metrics: NaN -> None, numpy -> python, tuple keys -> strings."""
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return _clean(o.tolist())
-    if isinstance(o, np.generic):
-        o = o.item()
-    if isinstance(o, float) and not np.isfinite(o):
-        return None
-    return o
 
 
 CONFIG = RuntimeArgs  # the dataclass `agp run` makes this stage's flags and --config section from
