@@ -278,6 +278,12 @@ def test_broken_pipe_is_quiet(command, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def _default_sigint():
+    """A job started in the background by a non-interactive shell (CI, nohup ... &) inherits SIGINT
+    ignored, and Python then never raises KeyboardInterrupt: give the child a terminal's default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_early_ctrl_c_is_one_line():
     """Ctrl-C while the CLI is still importing: before, a long traceback from inside the imports;
     after, one line and exit 130 (or the signal itself, if it lands before Python is up).
@@ -287,7 +293,8 @@ def test_early_ctrl_c_is_one_line():
     for delay in (0.15, 0.3, 0.45, 0.8):
         proc = subprocess.Popen([sys.executable, "-m", "agp.cli", "bench", "codecs", "--n", "1", "--source",
                                  "synthetic", "--dims", "64"], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_default_sigint)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
