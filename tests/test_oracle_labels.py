@@ -112,6 +112,31 @@ def test_probe_stats_match_lens_stats(bb):
     assert (got["entropy"] >= -1e-5).all() and ((got["p1"] > 0) & (got["p1"] <= 1 + 1e-6)).all()
 
 
+@pytest.mark.parametrize("full_layers", [None, [3]])
+def test_fast_probe_path_equals_reference(bb, full_layers):
+    """The fast path (in-place logits, pipelined matmuls) computes the same statistics as the
+    reference path, with and without translators, for full and KL-only layers."""
+    ids = bb.encode("import os\nprint(os.getcwd())  # where am I\n")
+    layers = [1, 2, 3, 4, 5]
+    h = hidden_at(bb, ids, layers + [bb.n_layers], list(range(len(ids))))
+    rng = np.random.default_rng(0)
+    trans = {3: Translator(np.eye(h[3].shape[1], dtype=np.float32) + 0.01 * rng.standard_normal(
+        (h[3].shape[1],) * 2).astype(np.float32), np.zeros(h[3].shape[1], np.float32))}
+    for translators in (None, trans):
+        kw = dict(translators=translators, full_layers=full_layers, group=2)
+        ref = probe_stats(bb, h, h[bb.n_layers], layers, method="reference", **kw)
+        got = probe_stats(bb, h, h[bb.n_layers], layers, method="fast", **kw)
+        assert set(got) == set(ref)
+        for key in ref:
+            assert np.allclose(got[key], ref[key], atol=1e-5, equal_nan=True), key
+
+
+def test_unknown_probe_method_is_one_line(bb):
+    h = {1: np.zeros((2, bb.hidden_size), np.float32)}
+    with pytest.raises(AGPError, match="unknown probe method"):
+        probe_stats(bb, h, h[1], [1], method="quick")
+
+
 def test_nan_hidden_states_are_refused(tiny_model_dir, tmp_path):
     import shutil
     from agp.backbone import load

@@ -10,6 +10,7 @@ TARGETS = {
     "baseline": "agp.bench.baseline",
     "codecs": "agp.bench.codecs",
     "index": "agp.bench.index",
+    "oracle": "agp.bench.oracle",
     "ptp-fuzz": "agp.bench.ptp_fuzz",
     "runtime": "agp.bench.runtime",
 }

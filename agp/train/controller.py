@@ -109,6 +109,7 @@ def run(run, args) -> dict:
     step_start = time.perf_counter()
     probes = collect(backbone, prompts.rows, cfg, layers)
     timings["oracle_probes_s"] = time.perf_counter() - step_start
+    oracle_speed = measure_oracle_speed(backbone, probes, layers, cfg)
     labels = label(probes, layers, cfg)
     io.write_json(out / "sweep.json", labels.sweep)
 
@@ -126,6 +127,7 @@ def run(run, args) -> dict:
     write_artifacts(out, probes, labels, layers, heads, calibration)
     metrics = stage_metrics(run, out, cfg, prompts, backbone, layer_macs, probes, labels, layers, heads,
                             calibration, compared, savings, timings)
+    metrics["oracle_speed"] = oracle_speed
     timings["before_report_s"] = time.perf_counter() - t_start
     from agp.report.controller import write_report
     write_report(out, metrics, calibration.route_heldout, heads.targets["heldout"]["route"], labels.sweep["rows"])
@@ -247,6 +249,7 @@ class Probes:
     prompt: np.ndarray
     position: np.ndarray
     translators: dict | None   # layer -> Translator fitted on every prompt (saved for later stages)
+    timing: dict | None = None  # seconds of the hidden-state pass, the probe pass and in all
 
 
 PROBE_STATS = ("kl", "agree", "margin", "entropy", "p1", "teacher_margin", "teacher_entropy")
@@ -260,7 +263,9 @@ def collect(backbone, rows, cfg: ControllerArgs, layers: Layers, progress=True) 
     held-out ones)."""
     n_layers, probe, decision = layers.n, layers.probe, layers.decision
     wanted = sorted(set(probe) | set(layers.read) | {decision - 1, n_layers})
+    started = time.perf_counter()
     prompts = _hidden_states(backbone, rows, cfg, probe, wanted, progress)
+    timing = {"hidden_states_s": time.perf_counter() - started, "probe_s": 0.0}
     folds = sorted({p["fold"] for p in prompts})
     if cfg.tuned_lens and len(folds) < 2:
         raise AGPError(f"cross-fitted tuned lens needs prompts in 2 or more of {cfg.lens_folds} folds; add prompts")
@@ -275,12 +280,11 @@ def collect(backbone, rows, cfg: ControllerArgs, layers: Layers, progress=True) 
                 translators = _fit_translators([p for p in prompts if p["fold"] != fold], probe, n_layers,
                                                cfg.lens_ridge)
             in_fold = np.flatnonzero(fold_of == fold)
-            for start in range(0, len(in_fold), cfg.probe_batch):
-                batch = in_fold[start:start + cfg.probe_batch]
-                stats.append(probe_stats(backbone, {layer: hidden[layer][batch] for layer in probe},
-                                         hidden[n_layers][batch], probe, translators, full_layers=[decision]))
-                order.append(batch)
-                bar.update(len(batch))
+            probe_start = time.perf_counter()
+            stats += probe_batches(backbone, hidden, in_fold, layers, translators, cfg.probe_batch, bar)
+            timing["probe_s"] += time.perf_counter() - probe_start
+            order += [in_fold[start:start + cfg.probe_batch] for start in range(0, len(in_fold), cfg.probe_batch)]
+    timing.update(positions=len(fold_of), total_s=time.perf_counter() - started)
     back_to_input_order = np.argsort(np.concatenate(order))
     per_position = {k: np.concatenate([s[k] for s in stats], axis=-1)[..., back_to_input_order]
                     for k in PROBE_STATS}
@@ -290,7 +294,34 @@ def collect(backbone, rows, cfg: ControllerArgs, layers: Layers, progress=True) 
                   split=np.concatenate([[p["row"]["split"]] * len(p["pos"]) for p in prompts]),
                   prompt=np.concatenate([[str(p["row"]["id"])] * len(p["pos"]) for p in prompts]),
                   position=np.concatenate([p["pos"] for p in prompts]),
-                  translators=final_translators)
+                  translators=final_translators, timing=timing)
+
+
+def measure_oracle_speed(backbone, probes: Probes, layers: Layers, cfg: ControllerArgs) -> dict:
+    """Positions labelled per second by the probe pass, beside the bound its head matmuls set on
+    this machine now (the same batch shape timed alone; agp.oracle.speed)."""
+    from agp.oracle.speed import head_matmul_seconds
+
+    timing = probes.timing
+    bound_s = head_matmul_seconds(backbone, cfg.probe_batch, len(layers.probe), repeats=2)
+    per_s = timing["positions"] / timing["probe_s"]
+    return dict(timing, probe_positions_per_s=per_s,
+                labelled_positions_per_s=timing["positions"] / timing["total_s"],
+                bound_positions_per_s=cfg.probe_batch / bound_s,
+                probe_over_bound=(cfg.probe_batch / bound_s) / per_s)
+
+
+def probe_batches(backbone, hidden: dict, index: np.ndarray, layers: Layers, translators, batch: int,
+                  bar=None) -> list[dict]:
+    """probe_stats over the positions `index` in batches of `batch` (full statistics at D only)."""
+    out = []
+    for start in range(0, len(index), batch):
+        rows = index[start:start + batch]
+        out.append(probe_stats(backbone, {layer: hidden[layer][rows] for layer in layers.probe},
+                               hidden[layers.n][rows], layers.probe, translators, full_layers=[layers.decision]))
+        if bar is not None:
+            bar.update(len(rows))
+    return out
 
 
 def _hidden_states(backbone, rows, cfg, probe, wanted, progress) -> list[dict]:
