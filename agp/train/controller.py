@@ -123,11 +123,13 @@ def run(run, args) -> dict:
 
     calibration = calibrate(heads, labels, probes, layers, cfg)
     compared = compare_baselines(backbone, probes, labels, layers, heads, cfg)
+    left_out = leave_one_source_out(probes, labels, heads, calibration, cfg)
     savings = savings_curves(backbone, layer_macs, probes, labels, layers, heads, calibration, compared, cfg)
     write_artifacts(out, probes, labels, layers, heads, calibration)
     metrics = stage_metrics(run, out, cfg, prompts, backbone, layer_macs, probes, labels, layers, heads,
                             calibration, compared, savings, timings)
     metrics["oracle_speed"] = oracle_speed
+    metrics["leave_one_source_out"] = left_out
     timings["before_report_s"] = time.perf_counter() - t_start
     from agp.report.controller import write_report
     write_report(out, metrics, calibration.route_heldout, heads.targets["heldout"]["route"], labels.sweep["rows"])
@@ -250,6 +252,7 @@ class Probes:
     position: np.ndarray
     translators: dict | None   # layer -> Translator fitted on every prompt (saved for later stages)
     timing: dict | None = None  # seconds of the hidden-state pass, the probe pass and in all
+    source: np.ndarray | None = None  # the prompt's source (code, docs, chat, ...) per position
 
 
 PROBE_STATS = ("kl", "agree", "margin", "entropy", "p1", "teacher_margin", "teacher_entropy")
@@ -294,7 +297,8 @@ def collect(backbone, rows, cfg: ControllerArgs, layers: Layers, progress=True) 
                   split=np.concatenate([[p["row"]["split"]] * len(p["pos"]) for p in prompts]),
                   prompt=np.concatenate([[str(p["row"]["id"])] * len(p["pos"]) for p in prompts]),
                   position=np.concatenate([p["pos"] for p in prompts]),
-                  translators=final_translators, timing=timing)
+                  translators=final_translators, timing=timing,
+                  source=np.concatenate([[str(p["row"].get("source"))] * len(p["pos"]) for p in prompts]))
 
 
 def measure_oracle_speed(backbone, probes: Probes, layers: Layers, cfg: ControllerArgs) -> dict:
@@ -512,6 +516,36 @@ def _abstain(conf, correct, gate) -> dict:
             "error_accepted": float(1 - correct[keep].mean()) if keep.any() else None,
             "auroc_conf_correct": auroc(conf, correct),
             "sweep": gate_sweep(conf, correct)}
+
+
+MIN_SOURCE_POSITIONS = 40   # a left-out source with fewer positions gives no per-class figure worth reading
+
+
+def leave_one_source_out(probes: Probes, labels: Labels, heads: Heads, calibration: Calibration,
+                         cfg: ControllerArgs) -> dict:
+    """Generalisation inside the project: per source, a route head trained on the other sources'
+    train split (best step chosen on their valid split) and scored on every position of the source
+    it never saw, beside the deployed controller on that source's held-out positions."""
+    out = {}
+    head_args = HeadArgs.from_dict({**cfg.heads.to_dict(), "tasks": ["route"]})
+    split, source = probes.split, probes.source
+    heldout_source = source[labels.index["heldout"]]
+    for name in sorted(set(source)):
+        left = source == name
+        train_ix, valid_ix = np.flatnonzero(~left & (split == "train")), np.flatnonzero(~left & (split == "valid"))
+        if left.sum() < MIN_SOURCE_POSITIONS or len(valid_ix) == 0 or len(set(labels.route[train_ix])) < len(ROUTES):
+            out[name] = {"skipped": f"{int(left.sum())} positions, or the other sources lack a class"}
+            continue
+        feats = {"train": heads.features[train_ix], "valid": heads.features[valid_ix]}
+        targets = {"train": {"route": labels.route[train_ix]}, "valid": {"route": labels.route[valid_ix]}}
+        controller, _ = train(feats, targets, {"route": len(ROUTES)}, head_args)
+        pred = controller.logits(heads.features[left])["route"].argmax(1)
+        mine = heldout_source == name
+        out[name] = {"positions": int(left.sum()),
+                     "left_out": per_class(labels.route[left], pred, ROUTES),
+                     "in_distribution_heldout": per_class(heads.targets["heldout"]["route"][mine],
+                                                          calibration.route_heldout[mine].argmax(1), ROUTES)}
+    return out
 
 
 @dataclass
