@@ -58,6 +58,69 @@ def test_saved_heads_reload(tiny_run):
     assert ctl.macs() == run.stage("controller")["metrics"]["controller"]["macs_per_decision"]
 
 
+def test_stage_records_oracle_speed_and_leave_one_source_out(tiny_run):
+    run, _, _ = tiny_run
+    m = run.stage("controller")["metrics"]
+    speed = m["oracle_speed"]
+    assert speed["positions"] == sum(m["dataset"]["positions"].values())
+    assert speed["probe_positions_per_s"] > 0 and speed["bound_positions_per_s"] > 0
+    left_out = m["leave_one_source_out"]
+    assert left_out, "no source was left out"
+    for name, r in left_out.items():
+        if "skipped" not in r:
+            assert 0 <= r["left_out"]["macro_f1"] <= 1 and r["positions"] >= 40
+
+
+def _prompts(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_eval_controller_on_my_prompts(tiny_run, tmp_path, capsys):
+    """`agp eval controller` labels new prompts with the run's settings and prints the table."""
+    run, _, model = tiny_run
+    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}  # a small helper number {i}\n" * 3 for i in range(12)]
+    prompts = _prompts(tmp_path / "mine.jsonl", [{"text": t, "source": "code"} for t in texts])
+    out = tmp_path / "eval.json"
+    assert main(["eval", "controller", "--run", str(run.path), "--prompts", prompts, "--model", model,
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "your prompts" in printed and "run's held-out split" in printed
+    result = json.loads(out.read_text())
+    yours = result["yours"]
+    assert yours["prompts"] == 12 and yours["positions"] >= 20
+    assert abs(sum(yours["route_shares"].values()) - 1) < 1e-9
+    assert result["label_rule"] == json.loads((run.path / "controller" / "sweep.json").read_text())["chosen"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("not json\n", "invalid JSON"),
+    ('{"id": 1}\n', 'has no "text" string'),
+    ("", "holds no prompts"),
+    ('{"text": "hi"}\n', "positions to label"),
+])
+def test_eval_controller_bad_prompts_are_one_line(tiny_run, tmp_path, capsys, content, message):
+    run, _, model = tiny_run
+    path = tmp_path / "p.jsonl"
+    if content is not None:
+        path.write_text(content)
+    assert main(["eval", "controller", "--run", str(run.path), "--prompts", str(path), "--model", model]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "agp:" in line]   # progress bars aside
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_eval_controller_needs_the_stage(tiny_model_dir, tmp_path, capsys):
+    root = tmp_path / "runs"
+    model = tiny_model_dir["gemma3_text"]
+    assert main(["run", "--stage", "baseline", "--runs", str(root), "--model", model, "--no-gates",
+                 "--baseline-prompts", "2", "--baseline-decode-tokens", "2"]) == 0
+    prompts = _prompts(tmp_path / "p.jsonl", [{"text": "x = 1\n" * 20}])
+    assert main(["eval", "controller", "--run", str((root / "latest").resolve()), "--prompts", prompts]) == 2
+    err = capsys.readouterr().err
+    assert "controller" in err and "agp run" in err
+
+
 def test_stage2_gate_fails_on_a_random_model(tiny_run):
     """The gate must be able to fail: a random tiny model's controller cannot beat its baselines
     by the measured margins, and the outcome says so."""
@@ -136,65 +199,3 @@ def test_adapter_stage_switches_backbone_and_prompts(tiny_model_dir, tmp_path):
     shutil.rmtree(adir)
     assert main(["run", "--stage", "controller", "--run-dir", str(run.path), "--model", model, "--no-gates"]) == 2
 
-
-def test_stage_records_oracle_speed_and_leave_one_source_out(tiny_run):
-    run, _, _ = tiny_run
-    m = run.stage("controller")["metrics"]
-    speed = m["oracle_speed"]
-    assert speed["positions"] == sum(m["dataset"]["positions"].values())
-    assert speed["probe_positions_per_s"] > 0 and speed["bound_positions_per_s"] > 0
-    left_out = m["leave_one_source_out"]
-    assert left_out, "no source was left out"
-    for name, r in left_out.items():
-        if "skipped" not in r:
-            assert 0 <= r["left_out"]["macro_f1"] <= 1 and r["positions"] >= 40
-
-
-def _prompts(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def test_eval_controller_on_my_prompts(tiny_run, tmp_path, capsys):
-    """`agp eval controller` labels new prompts with the run's settings and prints the table."""
-    run, _, model = tiny_run
-    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}  # a small helper number {i}\n" * 3 for i in range(12)]
-    prompts = _prompts(tmp_path / "mine.jsonl", [{"text": t, "source": "code"} for t in texts])
-    out = tmp_path / "eval.json"
-    assert main(["eval", "controller", "--run", str(run.path), "--prompts", prompts, "--model", model,
-                 "--json", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "your prompts" in printed and "run's held-out split" in printed
-    result = json.loads(out.read_text())
-    yours = result["yours"]
-    assert yours["prompts"] == 12 and yours["positions"] >= 20
-    assert abs(sum(yours["route_shares"].values()) - 1) < 1e-9
-    assert result["label_rule"] == json.loads((run.path / "controller" / "sweep.json").read_text())["chosen"]
-
-
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist"),
-    ("not json\n", "invalid JSON"),
-    ('{"id": 1}\n', 'has no "text" string'),
-    ("", "holds no prompts"),
-    ('{"text": "hi"}\n', "positions to label"),
-])
-def test_eval_controller_bad_prompts_are_one_line(tiny_run, tmp_path, capsys, content, message):
-    run, _, model = tiny_run
-    path = tmp_path / "p.jsonl"
-    if content is not None:
-        path.write_text(content)
-    assert main(["eval", "controller", "--run", str(run.path), "--prompts", str(path), "--model", model]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
-
-
-def test_eval_controller_needs_the_stage(tiny_model_dir, tmp_path, capsys):
-    root = tmp_path / "runs"
-    model = tiny_model_dir["gemma3_text"]
-    assert main(["run", "--stage", "baseline", "--runs", str(root), "--model", model, "--no-gates",
-                 "--baseline-prompts", "2", "--baseline-decode-tokens", "2"]) == 0
-    prompts = _prompts(tmp_path / "p.jsonl", [{"text": "x = 1\n" * 20}])
-    assert main(["eval", "controller", "--run", str((root / "latest").resolve()), "--prompts", prompts]) == 2
-    err = capsys.readouterr().err
-    assert "controller" in err and "agp run" in err
