@@ -54,7 +54,7 @@ class RuntimeArgs(ConfigMixin):
     head_lr: float = 3e-4             # distillation learning rate (Adam)
     feature_draft: bool = True        # train the EAGLE-style feature draft head (speculative:feature)
     # CI size trains the feature draft head far short of convergence (measured: 400 steps x 256 on
-    # 8K pairs reach valid top-1 0.20, train KL still falling), so the cost model keeps the exit
+    # 8K pairs reach valid top-1 0.20, train loss still falling), so the cost model keeps the exit
     # draft there; configs/real-size.yaml gives it the data and steps EAGLE-style heads need.
     draft_prompts: int = 32           # more train prompts for the feature draft head (final states only)
     draft_steps: int = 150            # its distillation steps (batch 256)
