@@ -56,6 +56,13 @@ class Runtime:
     def time_speculative(self, path):
         self._gen("speculative", draft_max=self.meta["draft_max"], draft_min_confidence=self.meta["draft_min_confidence"])
 
+    def time_speculative_feature(self, path):
+        """The EAGLE-style feature draft (runs with it only; older runs have none)."""
+        d = (self.meta.get("drafts") or {}).get("feature")
+        if d is None or self.heads.feature is None:
+            raise NotImplementedError("this run has no feature draft head")   # asv: skipped
+        self._gen("speculative:feature", draft_max=d["draft_max"], draft_min_confidence=d["draft_min_confidence"])
+
     def time_exit_draft_layer(self, path):
         self._gen(f"exit:{self.meta['draft_layer']}")
 

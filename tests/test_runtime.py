@@ -261,3 +261,69 @@ def test_ctrl_c_prints_what_was_generated_and_the_summary(tiny_model_dir, capsys
     assert main(["generate", "abc", "--model", tiny_model_dir["gemma3_text"], "--max-new-tokens", "8"]) == 130
     err = capsys.readouterr().err
     assert "[full] 2 tokens" in err and "[interrupted]" in err
+
+
+def feature_heads(bb):
+    """An untrained feature draft head over the whole tiny vocabulary."""
+    from agp.heads.draft import FeatureDraftHead
+    head = FeatureDraftHead(bb, np.arange(bb.vocab_size), inner=64)
+    return RuntimeHeads(feature=head, draft_kind="feature")
+
+
+@pytest.mark.parametrize("conf", [0.0, 0.02])
+def test_feature_draft_speculative_equals_full_past_600_tokens(long_tiny, conf):
+    """The EAGLE-style draft (no backbone layer while drafting, its own states fed back) stays
+    lossless past the 8-token window, with rejections rolled back."""
+    bb = long_tiny
+    heads = feature_heads(bb)
+    for n_prompt in (1, 12, 620):
+        ids = bb.encode("for i in range(3):\n    print(i)  # loop\n" * 20)[:n_prompt]
+        full, _ = ours(bb, ids, 40)
+        spec, s = ours(bb, ids, 40, "speculative", heads, draft_max=4, draft_min_confidence=conf)
+        assert spec == full
+        if conf == 0.0 and n_prompt > 1:
+            assert s.drafted > s.accepted >= 0 and s.drafted > 0
+
+
+def test_feature_draft_learns_the_next_state_and_round_trips(long_tiny, tmp_path):
+    """Distillation on consecutive final states lowers the loss; the saved head loads equal, and a
+    NaN in it is refused at load."""
+    from agp.heads.draft import FeatureDraftHead, chain, feature_pairs
+    from agp.heads.exit import ExitHeadArgs, distill, evaluate, full_top1
+    from agp.oracle.probes import hidden_at
+    bb = long_tiny
+    L = bb.n_layers
+    seqs = [bb.encode("x = [i * i for i in range(10)]\n" * 4)[:60], bb.encode(TEXT * 3)]
+    pos = [list(range(1, len(s))) for s in seqs]
+    finals = np.concatenate([hidden_at(bb, s, [L], p)[L] for s, p in zip(seqs, pos)])
+    pairs = feature_pairs(bb, finals, seqs, pos)
+    assert pairs.x.shape == (sum(len(p) - 1 for p in pos), 2 * bb.hidden_size)
+    head = FeatureDraftHead(bb, np.arange(bb.vocab_size), inner=64)
+    hist = distill(head, pairs.x, pairs.y, ExitHeadArgs(steps=60, batch=32, lr=3e-3))["history"]
+    assert hist[-1]["kl"] < hist[0]["kl"]
+    top1 = full_top1(bb, pairs.y)
+    conf, ok = chain(head, pairs, top1, 3)
+    assert conf.shape == (len(pairs.x), 3) and (conf[:, 0] > 0).all()
+    head.save(tmp_path / "d", {"model_fingerprint": bb.fingerprint})
+    back, _ = FeatureDraftHead.load(bb, tmp_path / "d")
+    assert evaluate(back, pairs.x, pairs.y, top1) == evaluate(head, pairs.x, pairs.y, top1)
+    w = mx.load(str(tmp_path / "d" / "draft_head.safetensors"))
+    w["fc.weight"] = w["fc.weight"] * float("nan")
+    mx.save_safetensors(str(tmp_path / "d" / "draft_head.safetensors"), w)
+    with pytest.raises(AGPError, match="non-finite"):
+        FeatureDraftHead.load(bb, tmp_path / "d")
+
+
+def test_speculative_draft_choice_is_explicit(long_tiny):
+    """speculative:exit and speculative:feature pick the draft; a run without that head is one line."""
+    bb = long_tiny
+    ids = bb.encode(TEXT)
+    full, _ = ours(bb, ids, 10)
+    both = RuntimeHeads(exits=all_vocab_heads(bb, 4).exits, draft_layer=4, feature=feature_heads(bb).feature)
+    for mode in ("speculative:exit", "speculative:feature"):
+        toks, s = ours(bb, ids, 10, mode, both, draft_min_confidence=0.0)
+        assert toks == full and s.mode == mode
+    with pytest.raises(AGPError, match="feature draft head"):
+        Generator(bb, "speculative:feature", all_vocab_heads(bb, 4))
+    with pytest.raises(AGPError, match="unknown speculative draft"):
+        Generator(bb, "speculative:tree", both)

@@ -34,8 +34,7 @@ class Pass:
         n = len(inner.layers)
         self.cache = list(cache) + [None] * (n - len(cache)) if cache is not None else [None] * n
         if self.arch == "gemma3_text":
-            emb = inner.embed_tokens(tokens)
-            self.h0 = emb * mx.array(inner.args.hidden_size ** 0.5, mx.bfloat16).astype(emb.dtype)
+            self.h0 = embed(model, tokens)
             p = inner.sliding_window_pattern
             glob = create_attention_mask(self.h0, self.cache[p - 1])
             slide = create_attention_mask(self.h0, self.cache[0], window_size=inner.window_size) if p > 1 else None
@@ -66,6 +65,13 @@ class Pass:
                                            shared_kv=kvs, offset=offset)
                 self.intermediates[i] = (kvs, offset)
         return h
+
+
+def embed(model, tokens: mx.array) -> mx.array:
+    """Gemma 3's scaled input embedding of `tokens` (the state before layer 0)."""
+    inner = model.model
+    emb = inner.embed_tokens(tokens)
+    return emb * mx.array(inner.args.hidden_size ** 0.5, mx.bfloat16).astype(emb.dtype)
 
 
 def head(model, h: mx.array) -> mx.array:

@@ -16,7 +16,10 @@ def add_parser(sub):
     p.add_argument("prompt", nargs="?", default=None,
                    help="prompt text; '-' or omitted reads stdin; @FILE reads a file")
     p.add_argument("--file", default=None, help="read the prompt from this file")
-    p.add_argument("--mode", default="full", help="full | speculative | exit:L | entropy | routed (default full)")
+    p.add_argument("--mode", default="full",
+                   help="full | speculative | speculative:exit | speculative:feature | exit:L | entropy | routed "
+                        "(default full; speculative uses the draft the run's cost model chose: the exit head at "
+                        "layer E, or the EAGLE-style feature draft head)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
     p.add_argument("--run", default=None, help="run whose heads to use (default runs/latest)")
     p.add_argument("--model", default=None, help="mlx-lm model directory (default: the run's backbone, else embedded)")

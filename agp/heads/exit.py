@@ -66,13 +66,15 @@ class ExitParams(nn.Module):
         self.bias = mx.zeros((v,))
 
 
-class ExitHead:
-    """Translator + final norm + shortlist rows; `logits(h)` over the shortlist, `ids` maps back."""
+class ShortlistHead:
+    """What every shortlist head shares: the tied embedding rows of the shortlist `ids`, the
+    backbone's final norm, the teacher (the full head's shortlist columns), save and load of the
+    trainable `params` (safetensors + JSON naming the shortlist and the model fingerprint)."""
 
-    def __init__(self, bb, layer: int, ids: np.ndarray, params: ExitParams | None = None):
-        if not 0 < layer < bb.n_layers:
-            raise AGPError(f"exit layer must lie in 1..{bb.n_layers - 1}, got {layer}")
-        self.layer, self.hidden = int(layer), bb.hidden_size
+    stem = "head"        # file names: <stem>.safetensors, <stem>.json
+
+    def __init__(self, bb, ids: np.ndarray, params: nn.Module):
+        self.hidden = bb.hidden_size
         self.ids_np = np.asarray(ids, np.int32)
         self.ids = mx.array(self.ids_np)
         self.norm = bb.model.model.norm
@@ -81,7 +83,59 @@ class ExitHead:
             raise AGPError("the shortlist exit head needs tied, unquantised embeddings (Gemma 3 layout)")
         self.rows = emb.weight[self.ids].astype(mx.float32)
         mx.eval(self.rows)
-        self.params = params or ExitParams(self.hidden, len(self.ids_np))
+        self.params = params
+
+    def teacher_logits(self, h_final: mx.array) -> mx.array:
+        """The full-depth logits restricted to the shortlist (exactly the full head's columns)."""
+        return self.norm(h_final) @ self.rows.T
+
+    def shortlist_logits(self, h: mx.array) -> mx.array:
+        """Final norm + shortlist rows + the per-row bias on a (predicted or translated) final state."""
+        return self.norm(h) @ self.rows.T + self.params.bias
+
+    def save(self, d: Path, meta: dict) -> None:
+        d = Path(d)
+        d.mkdir(parents=True, exist_ok=True)
+        w = dict(tree_flatten(self.params.parameters()))
+        with io.atomic_path(d / f"{self.stem}.safetensors") as tmp:
+            path = tmp.with_suffix(".safetensors")
+            mx.save_safetensors(str(path), w)
+            path.replace(tmp)
+        io.write_json(d / f"{self.stem}.json", {**meta, **self.describe(), "vocab": len(self.ids_np),
+                                                 "shortlist": self.ids_np.tolist()})
+
+    def describe(self) -> dict:
+        return {}
+
+    @classmethod
+    def read(cls, bb, d: Path, what: str) -> tuple[dict, np.ndarray, dict]:
+        """(meta, shortlist ids, weights) of a saved head, checked for the model and for NaN."""
+        d = Path(d)
+        if not (d / f"{cls.stem}.json").exists():
+            raise AGPError(f"no {what} at {d}; run `agp run --stage runtime`")
+        meta = json.loads((d / f"{cls.stem}.json").read_text())
+        if meta.get("model_fingerprint") not in (None, bb.fingerprint):
+            raise AGPError(f"the {what} at {d} was trained for another model (fingerprint "
+                           f"{str(meta.get('model_fingerprint'))[:12]}, this one {bb.fingerprint[:12]}); "
+                           f"rerun `agp run --stage runtime` for this model")
+        w = mx.load(str(d / f"{cls.stem}.safetensors"))
+        for k, v in w.items():
+            if not bool(mx.all(mx.isfinite(v)).item()):
+                raise AGPError(f"{what} at {d} has non-finite values in '{k}'; it is corrupt: "
+                               f"rerun `agp run --stage runtime`")
+        return meta, np.asarray(meta["shortlist"], np.int32), w
+
+
+class ExitHead(ShortlistHead):
+    """Translator + final norm + shortlist rows; `logits(h)` over the shortlist, `ids` maps back."""
+
+    stem = "exit_head"
+
+    def __init__(self, bb, layer: int, ids: np.ndarray, params: ExitParams | None = None):
+        if not 0 < layer < bb.n_layers:
+            raise AGPError(f"exit layer must lie in 1..{bb.n_layers - 1}, got {layer}")
+        self.layer = int(layer)
+        super().__init__(bb, ids, params or ExitParams(bb.hidden_size, len(ids)))
 
     @classmethod
     def identity(cls, bb, layer: int, ids) -> "ExitHead":
@@ -93,43 +147,18 @@ class ExitHead:
 
     def logits(self, h: mx.array) -> mx.array:
         """Shortlist logits [..., V] from hidden states after `layer` blocks."""
-        return self.norm(self.translate(h)) @ self.rows.T + self.params.bias
-
-    def teacher_logits(self, h_final: mx.array) -> mx.array:
-        """The full-depth logits restricted to the shortlist (exactly the full head's columns)."""
-        return self.norm(h_final) @ self.rows.T
+        return self.shortlist_logits(self.translate(h))
 
     def macs(self) -> int:
         return self.hidden * self.hidden + len(self.ids_np) * self.hidden
 
-    def save(self, d: Path, meta: dict) -> None:
-        d = Path(d)
-        d.mkdir(parents=True, exist_ok=True)
-        w = dict(tree_flatten(self.params.parameters()))
-        with io.atomic_path(d / "exit_head.safetensors") as tmp:
-            path = tmp.with_suffix(".safetensors")
-            mx.save_safetensors(str(path), w)
-            path.replace(tmp)
-        io.write_json(d / "exit_head.json", {**meta, "layer": self.layer, "vocab": len(self.ids_np),
-                                             "shortlist": self.ids_np.tolist()})
+    def describe(self) -> dict:
+        return {"layer": self.layer}
 
     @classmethod
     def load(cls, bb, d: Path) -> tuple["ExitHead", dict]:
-        d = Path(d)
-        if not (d / "exit_head.json").exists():
-            raise AGPError(f"no exit head at {d}; run `agp run --stage runtime`")
-        meta = json.loads((d / "exit_head.json").read_text())
-        if meta.get("model_fingerprint") not in (None, bb.fingerprint):
-            raise AGPError(f"the exit head at {d} was trained for another model (fingerprint "
-                           f"{str(meta.get('model_fingerprint'))[:12]}, this one {bb.fingerprint[:12]}); "
-                           f"rerun `agp run --stage runtime` for this model")
-        ids = np.asarray(meta["shortlist"], np.int32)
+        meta, ids, w = cls.read(bb, d, "exit head")
         params = ExitParams(bb.hidden_size, len(ids))
-        w = mx.load(str(d / "exit_head.safetensors"))
-        for k, v in w.items():
-            if not bool(mx.all(mx.isfinite(v)).item()):
-                raise AGPError(f"exit head at {d} has non-finite values in '{k}'; it is corrupt: "
-                               f"rerun `agp run --stage runtime`")
         params.load_weights(list(w.items()))
         return cls(bb, int(meta["layer"]), ids, params), meta
 
@@ -142,8 +171,10 @@ def ridge_start(head: ExitHead, h_e: np.ndarray, h_final: np.ndarray, ridge: flo
     head.params.b = mx.array(t.b)
 
 
-def distill(head: ExitHead, h_e: np.ndarray, h_final: np.ndarray, args: ExitHeadArgs, progress=None) -> dict:
-    """Minimise KL(teacher restricted to the shortlist || exit head) over the positions given."""
+def distill(head, h_e: np.ndarray, h_final: np.ndarray, args: ExitHeadArgs, progress=None) -> dict:
+    """Minimise KL(teacher restricted to the shortlist || head) over the positions given. `head` is
+    any shortlist head (`logits(x)`, `teacher_logits(y)`, `params`); one with `aux_loss(x, y)`
+    (the feature draft head's state regression) has it added."""
     mx.random.seed(args.seed)
     n = len(h_e)
     X, Y = mx.array(h_e.astype(np.float32)), mx.array(h_final.astype(np.float32))
@@ -154,7 +185,8 @@ def distill(head: ExitHead, h_e: np.ndarray, h_final: np.ndarray, args: ExitHead
         logp = t - mx.logsumexp(t, axis=-1, keepdims=True)
         z = head.logits(x)
         logq = z - mx.logsumexp(z, axis=-1, keepdims=True)
-        return (mx.exp(logp) * (logp - logq)).sum(-1).mean()
+        kl = (mx.exp(logp) * (logp - logq)).sum(-1).mean()
+        return kl + head.aux_loss(x, y) if hasattr(head, "aux_loss") else kl
 
     params = head.params
     opt = optim.AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
@@ -167,7 +199,7 @@ def distill(head: ExitHead, h_e: np.ndarray, h_final: np.ndarray, args: ExitHead
         opt.update(params, grads)
         mx.eval(params.parameters(), opt.state, loss)
         if not np.isfinite(loss.item()):
-            raise AGPError(f"exit-head distillation diverged at step {i} (loss {loss.item()}); lower the lr")
+            raise AGPError(f"shortlist-head distillation diverged at step {i} (loss {loss.item()}); lower the lr")
         if progress is not None:
             progress.update(1)
         if i == 1 or i % 50 == 0 or i == args.steps:

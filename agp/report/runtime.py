@@ -82,10 +82,21 @@ def write_report(out, m: dict) -> None:
             star = " (calibrated)" if p.get("calibrated") else ""
             lines.append(f"| {p['method']} | {_f(p['param'], '{:g}')}{star} | {p['top1']:.3f} | {p['mac_ratio']:.3f} |")
     ch = m["choice"]
-    lines += ["", f"Draft chosen by the cost model (agp.train.runtime.expected_speedup, from the valid-set "
-              f"confidence curves): E={ch['draft_layer']}, V={ch['vocab']}, confidence gate {ch['draft_min_confidence']:g}, "
-              f"at most {ch['draft_max']} drafts; expected {ch['expected_speedup']:.2f}x over plain steps.", "",
-              "### Time profile of one decode step (ms, best of 8)\n",
+    fd = m.get("feature_draft")
+    if fd:
+        depth = " / ".join(f"{x:.3f}" for x in fd["chain_top1_by_depth"])
+        lines += ["", "### Feature draft head (EAGLE-style; valid prompts)\n",
+                  f"{fd['train_pairs']} train pairs, {fd['valid_pairs']} valid: one-step top-1 vs full "
+                  f"{fd['valid']['top1_agree']:.3f} (KL {fd['valid']['kl_shortlist']:.2f}, coverage "
+                  f"{fd['valid']['coverage']:.3f}); top-1 at draft depth 1..K with its own states fed back: {depth}; "
+                  f"{fd['draft_ms']:.1f} ms / {fd['draft_macs'] / 1e6:.1f}M MACs per draft."]
+    lines += ["", "Drafts by the cost model (agp.train.draft.chain_table, chains measured on the valid prompts):", ""]
+    for kind, r in ch.get("per_kind", {}).items():
+        where = f" at E={r['layer']}" if r.get("layer") is not None else ""
+        mark = " (chosen: `speculative`)" if kind == ch.get("kind", "exit") else ""
+        lines.append(f"- {kind}{where}: gate {r['tau']:g}, at most {r['k']} drafts, {r['tokens_per_round']:.2f} "
+                     f"tokens/round, acceptance {r['acceptance']:.2f}, expected {r['expected_speedup']:.2f}x{mark}")
+    lines += ["", "### Time profile of one decode step (ms, best of 8)\n",
               "| " + " | ".join(m["bench"]["profile"]) + " |", "|" + "---|" * len(m["bench"]["profile"]),
               "| " + " | ".join(_f(v, "{:.1f}") for v in m["bench"]["profile"].values()) + " |", ""]
     io.write_text(out / "report.md", "\n".join(lines) + "\n")

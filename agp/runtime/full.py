@@ -27,12 +27,15 @@ class Round:
     extra: dict = field(default_factory=dict)
 
 
-def prefill(bb, ids: list[int], cache) -> None:
-    """Full-depth forward of ids (no head), in mlx-lm's chunks, filling `cache`."""
+def prefill(bb, ids: list[int], cache):
+    """Full-depth forward of ids (no head), in mlx-lm's chunks, filling `cache`. Returns the
+    final hidden state of the last id ([1, 1, H], before the final norm), or None for no ids."""
+    last = None
     for a in range(0, len(ids), PREFILL_STEP):
         p = bb.start(mx.array([ids[a:a + PREFILL_STEP]]), cache)
-        p.run(p.h0, 0, bb.n_layers)
-        mx.eval([c.state for c in cache])
+        last = p.run(p.h0, 0, bb.n_layers)[:, -1:]
+        mx.eval([c.state for c in cache], last)
+    return last
 
 
 def greedy(logits: mx.array) -> mx.array:

@@ -16,7 +16,7 @@ from agp.errors import AGPError
 from agp.runtime.cost import CostModel
 from agp.runtime.events import Event, Summary
 
-MODES = ("full", "speculative", "exit:L", "entropy", "routed")
+MODES = ("full", "speculative", "speculative:exit", "speculative:feature", "exit:L", "entropy", "routed")
 
 
 @dataclass
@@ -35,7 +35,7 @@ def decoder_class(mode: str):
     from agp.runtime.full import FullDecoder
     if mode == "full":
         return FullDecoder
-    if mode == "speculative":
+    if mode == "speculative" or mode.startswith("speculative:"):
         from agp.runtime.speculative import SpeculativeDecoder
         return SpeculativeDecoder
     if mode.startswith("exit:") or mode in ("entropy", "routed"):

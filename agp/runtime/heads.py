@@ -1,6 +1,7 @@
 """The heads a runtime mode needs, loaded from a run (`runs/<id>/runtime/`, `runs/<id>/controller/`).
 
-What each mode needs: `full` nothing; `speculative` the draft exit head; `exit:L` an exit head
+What each mode needs: `full` nothing; `speculative` the draft the run chose (`speculative:exit`
+the exit head at the draft layer, `speculative:feature` the feature draft head); `exit:L` an exit head
 at L; `entropy` the draft exit head; `routed` the stage-2 controller plus exit heads at its
 decision layer and late boundary. A missing piece is a one-line error naming the stage to run.
 """
@@ -20,6 +21,8 @@ STAGE = "runtime"
 class RuntimeHeads:
     exits: dict = field(default_factory=dict)     # layer -> ExitHead
     draft_layer: int | None = None
+    feature: object = None                        # FeatureDraftHead (EAGLE-style) or None
+    draft_kind: str = "exit"                      # the draft `speculative` uses: "exit" or "feature"
     controller: object = None                     # (Controller, calibration) or None
     meta: dict = field(default_factory=dict)
 
@@ -59,9 +62,12 @@ def load(run, bb, mode: str, finished: bool = True) -> RuntimeHeads:
     if meta.get("model_fingerprint") != bb.fingerprint:
         raise AGPError(f"run {run.path} was made for another model (fingerprint {str(meta.get('model_fingerprint'))[:12]}, "
                        f"this backbone {bb.fingerprint[:12]}); use that run's model or rerun `agp run --stage runtime`")
-    heads = RuntimeHeads(draft_layer=meta.get("draft_layer"), meta=meta)
+    heads = RuntimeHeads(draft_layer=meta.get("draft_layer"), draft_kind=meta.get("draft_kind", "exit"), meta=meta)
     for layer in meta.get("exit_layers", []):
         heads.exits[int(layer)], _ = ExitHead.load(bb, runtime_dir(run) / "exit_heads" / f"L{layer}")
+    if meta.get("feature_draft"):
+        from agp.heads.draft import FeatureDraftHead
+        heads.feature, _ = FeatureDraftHead.load(bb, runtime_dir(run) / meta["feature_draft"])
     if mode == "routed":
         from agp.heads.controller import load_deployed
         run.require("controller", "mode routed")

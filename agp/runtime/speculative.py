@@ -1,27 +1,106 @@
-"""Mode `speculative`: lossless self-speculative decoding with the shortlist exit head.
+"""Mode `speculative`: lossless self-speculative decoding with a cheap draft and one verify pass.
 
 One round, with t0 the last emitted token (not yet in the cache) and n tokens cached:
-  draft   feed t0, d1, ... through layers [0, E) one at a time, reusing those layers' KV of the
-          whole context; the exit head at E proposes d_{j+1} only if its top-1 shortlist
-          probability is >= `draft_min_confidence` (Kangaroo's adaptive stop), at most
-          `draft_max` drafts. The last fed token's layer-E state is already the one verify needs.
-  verify  the k+1 states at E (t0, d1..d_k) through [E, L) in one batched pass, and the full
-          head on all k+1: y_j = the full-depth greedy token after t0, d1..d_j. With k = 0 the
-          round is a plain full-depth step.
+  draft   propose d1..d_k, each only if the draft's top-1 shortlist probability is >= 
+          `draft_min_confidence` (Kangaroo's adaptive stop), at most `draft_max`. Two drafts:
+          exit     (`speculative:exit`) feed t0, d1, ... through layers [0, E) one at a time, reusing
+                   those layers' KV; the shortlist exit head at E proposes the next token. The layer-E
+                   states are what verify continues from.
+          feature  (`speculative:feature`, EAGLE-style) the feature draft head reads the final state
+                   of the position that emitted t0 and t0's embedding, predicts the next final state
+                   and proposes from it through the shortlist head; later drafts read its own
+                   prediction. No backbone layer runs while drafting.
+          `speculative` uses the draft the runtime stage's cost model chose (runtime.json).
+  verify  the k+1 positions t0, d1..d_k through the layers the draft did not run ([E, L) or all),
+          in one batched pass, and the full head on all k+1: y_j = the full-depth greedy token
+          after t0, d1..d_j. With k = 0 the round is a plain full-depth step.
   accept  the longest prefix with d_{j+1} == y_j, then y_a (the correction, or the bonus token
           when every draft was accepted). Every layer's cache then holds n+k+1 tokens; the
           k-a rejected ones are rolled back exactly (agp.runtime.cache.WindowKVCache: mlx-lm's
-          rotating caches cannot roll back once the sliding window has wrapped).
+          rotating caches cannot roll back once the sliding window has wrapped). The feature draft
+          keeps the verified final state of y_a's position for the next round.
 Every emitted token is a full-depth greedy token, so the output equals mode `full`.
 """
 from __future__ import annotations
 
 import mlx.core as mx
 
+from agp.backbone.segments import embed
 from agp.errors import AGPError
 from agp.runtime.cache import make_rollback_cache, rollback
 from agp.runtime.cost import Cost
 from agp.runtime.full import Round, greedy, prefill
+
+DRAFTS = ("exit", "feature")
+
+
+def confident(z: mx.array, ids_np, threshold: float):
+    """(token, proposed?) from shortlist logits z [1, V]: the top-1 and whether its probability
+    reaches the threshold."""
+    top = mx.argmax(z, axis=-1)
+    conf = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
+    mx.eval(top, conf)
+    return int(ids_np[int(top.item())]), float(conf.item()) >= threshold
+
+
+class ExitDraft:
+    """Drafts from the shortlist exit head at layer E over layers [0, E) of the real cache."""
+
+    def __init__(self, dec, heads):
+        if heads.draft is None:
+            raise AGPError("the exit draft needs the exit head from the runtime stage; run `agp run --stage runtime`")
+        self.dec, self.head, self.E = dec, heads.draft, heads.draft_layer
+
+    def reset(self, last_state) -> None:
+        pass
+
+    def draft(self, k_max: int):
+        """Drafts d1..d_k, the layer-E states of t0, d1..d_k (what verify continues from), cost."""
+        dec, head, E = self.dec, self.head, self.E
+        drafts, states, cost, t = [], [], Cost(), dec.pending
+        while True:
+            p = dec.bb.start(mx.array([[t]]), dec.cache)
+            states.append(p.run(p.h0, 0, E))
+            cost += dec.costs.layers(0, E, dec.context + len(drafts))
+            if len(drafts) >= k_max:
+                break
+            t, ok = confident(head.logits(states[-1][:, -1]), head.ids_np, dec.args.draft_min_confidence)
+            cost += Cost(head.macs(), head.macs())
+            if not ok:
+                break
+            drafts.append(t)
+        return drafts, mx.concatenate(states, axis=1) if len(states) > 1 else states[0], E, cost
+
+    def verified(self, h, a: int) -> None:
+        pass
+
+
+class FeatureDraft:
+    """Drafts from the EAGLE-style feature draft head; no backbone layer runs while drafting."""
+
+    def __init__(self, dec, heads):
+        if heads.feature is None:
+            raise AGPError("the feature draft needs the feature draft head from the runtime stage; rerun "
+                           "`agp run --stage runtime` (or use --mode speculative:exit)")
+        self.dec, self.head, self.f = dec, heads.feature, None
+
+    def reset(self, last_state) -> None:
+        self.f = last_state          # final state of the position before t0 (None for a 1-token prompt)
+
+    def draft(self, k_max: int):
+        dec, head = self.dec, self.head
+        drafts, cost, t, f = [], Cost(), dec.pending, self.f
+        while f is not None and len(drafts) < k_max:
+            f, z = head.step(f, t)
+            cost += Cost(head.macs(), head.macs())
+            t, ok = confident(z[:, -1], head.ids_np, dec.args.draft_min_confidence)
+            if not ok:
+                break
+            drafts.append(t)
+        return drafts, embed(dec.bb.model, mx.array([[dec.pending] + drafts])), 0, cost
+
+    def verified(self, h, a: int) -> None:
+        self.f = h[:, a:a + 1]      # the state whose head emitted the next round's t0
 
 
 class SpeculativeDecoder:
@@ -30,58 +109,40 @@ class SpeculativeDecoder:
     def __init__(self, bb, costs, heads, args):
         if bb.arch != "gemma3_text":
             raise AGPError(f"mode speculative supports gemma3_text only (this model is {bb.arch})")
-        if heads is None or heads.draft is None:
-            raise AGPError("mode speculative needs the exit head from the runtime stage; "
+        if heads is None:
+            raise AGPError("mode speculative needs a draft head from the runtime stage; "
                            "run `agp run --stage runtime`")
-        self.bb, self.costs, self.head, self.args = bb, costs, heads.draft, args
-        self.E = self.head.layer
+        mode = getattr(args, "mode", "speculative") or "speculative"
+        kind = mode.split(":", 1)[1] if ":" in mode else heads.draft_kind
+        if kind not in DRAFTS:
+            raise AGPError(f"unknown speculative draft '{kind}'; choose speculative:exit or speculative:feature")
+        self.bb, self.costs, self.args, self.kind = bb, costs, args, kind
+        self.name = mode
+        self.drafter = (ExitDraft if kind == "exit" else FeatureDraft)(self, heads)
 
     def make_cache(self):
         return make_rollback_cache(self.bb.model, slack=self.args.draft_max + 8)
 
     def start(self, ids: list[int]) -> None:
         self.cache = self.make_cache()
-        prefill(self.bb, ids[:-1], self.cache)
+        self.drafter.reset(prefill(self.bb, ids[:-1], self.cache))
         self.pending, self.context = ids[-1], len(ids)
 
-    def draft(self, budget: int):
-        """Layer-E states of t0, d1, ..., d_k and the drafts d1..d_k, plus their cost. A draft is
-        proposed only while the exit head's top-1 shortlist probability is >= the threshold."""
-        bb, E, head = self.bb, self.E, self.head
-        k_max = max(0, min(self.args.draft_max, budget - 1))
-        drafts, states, cost, t = [], [], Cost(), self.pending
-        while True:
-            p = bb.start(mx.array([[t]]), self.cache)
-            h = p.run(p.h0, 0, E)
-            states.append(h)
-            cost += self.costs.layers(0, E, self.context + len(drafts))
-            if len(drafts) >= k_max:
-                break
-            z = head.logits(h[:, -1])
-            top = mx.argmax(z, axis=-1)
-            conf = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
-            mx.eval(top, conf)
-            cost += Cost(head.macs(), head.macs())
-            if float(conf.item()) < self.args.draft_min_confidence:
-                break
-            t = int(head.ids_np[int(top.item())])
-            drafts.append(t)
-        return drafts, states, cost
-
     def round(self, budget: int) -> Round:
-        bb, E, L = self.bb, self.E, self.bb.n_layers
-        drafts, states, cost = self.draft(budget)
+        bb, L = self.bb, self.bb.n_layers
+        drafts, h, start, cost = self.drafter.draft(max(0, min(self.args.draft_max, budget - 1)))
         k = len(drafts)
-        h = bb.run_layers(mx.concatenate(states, axis=1) if k else states[0], E, L, self.cache)
+        h = bb.run_layers(h, start, L, self.cache)
         y = greedy(bb.head(h))[0]
-        mx.eval(y)
+        mx.eval(y, h)
         y = y.tolist()
         a = 0
         while a < k and drafts[a] == y[a]:
             a += 1
         end = self.context + k      # keys after this round's k+1 positions
-        cost += self.costs.layers(E, L, end, tokens=k + 1) + self.costs.head(k + 1)
+        cost += self.costs.layers(start, L, end, tokens=k + 1) + self.costs.head(k + 1)
         rollback(self.cache, k - a)
+        self.drafter.verified(h, a)
         out = drafts[:a] + [y[a]]
         self.pending, self.context = y[a], self.context + a + 1
         actions = ["draft_accepted"] * a + ["correction" if a < k else "full"]

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from agp import config, io
 from agp.config import ConfigMixin
 from agp.errors import AGPError
+from agp.train.draft import VERIFY_POSITION_COST, chain_table, exit_chains, fit_feature_draft, time_ms
 
 NAME = "runtime"
 MARKER = "stage5"
@@ -37,9 +38,6 @@ REQUIRES = ["baseline", "controller"]   # the adapter and its lanes are used whe
 LANES = ("sft", "routing", "semantic")
 SPLITS = ("train", "valid", "heldout")
 TAUS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-# Verifying one more position costs ~0.15 of a plain step on these machines (DESIGN.md: one
-# forward of 1 token 98 ms, of 5 tokens 157 ms), on top of the draft's own weight reads.
-VERIFY_POSITION_COST = 0.15
 
 
 @dataclass
@@ -54,6 +52,14 @@ class RuntimeArgs(ConfigMixin):
     head_steps: int = 100             # 150 steps x 256 on 1.5K positions overfit (train KL 0.15, valid 1.9)
     head_batch: int = 128             # positions per distillation step
     head_lr: float = 3e-4             # distillation learning rate (Adam)
+    feature_draft: bool = True        # train the EAGLE-style feature draft head (speculative:feature)
+    # CI size trains the feature draft head far short of convergence (measured: 400 steps x 256 on
+    # 8K pairs reach valid top-1 0.20, train loss still falling), so the cost model keeps the exit
+    # draft there; configs/real-size.yaml gives it the data and steps EAGLE-style heads need.
+    draft_prompts: int = 32           # more train prompts for the feature draft head (final states only)
+    draft_steps: int = 150            # its distillation steps (batch 256)
+    draft_inner: int = 1024           # MLP width of its block
+    draft_lr: float = 1e-3
     bench_prompts: int = 2            # held-out prompts decoded by the speed modes (plus one over 600 tokens)
     lossy_prompts: int = 1            # of those, how many the lossy modes (exit:L, entropy, routed) decode
     bench_new_tokens: int = 32        # tokens each mode decodes per benchmark prompt
@@ -69,7 +75,7 @@ class RuntimeArgs(ConfigMixin):
         self.exit_layers = sorted({int(layer) for layer in self.exit_layers})
         self.vocabs = sorted({int(v) for v in self.vocabs})
         for name in ("bench_prompts", "bench_new_tokens", "head_steps", "prompts", "long_prompt_tokens",
-                     "vocab", "head_batch", "max_tokens", "draft_max"):
+                     "vocab", "head_batch", "max_tokens", "draft_max", "draft_steps", "draft_inner"):
             if getattr(self, name) < 1:
                 raise AGPError(f"--runtime-{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
@@ -150,6 +156,15 @@ class States:
     hidden: dict                     # layer -> [N, H] float32 (the last layer n included)
     tokens: list                     # token ids of every prompt used (for shortlist frequencies)
     prompts: int
+    positions: list = field(default_factory=list)   # per prompt: the positions its rows hold
+
+    def runs(self) -> list[tuple[int, int]]:
+        """(first row, rows) of each prompt's consecutive positions."""
+        out, row = [], 0
+        for pos in self.positions:
+            out.append((row, len(pos)))
+            row += len(pos)
+        return out
 
 
 def collect_states(bb, rows: list[dict], layers: list[int], max_tokens: int, per_prompt: int = 64,
@@ -159,18 +174,19 @@ def collect_states(bb, rows: list[dict], layers: list[int], max_tokens: int, per
     from agp.oracle.probes import hidden_at
     from agp.backbone.lens import probe_positions
     want = sorted(set(layers) | {bb.n_layers})
-    parts, toks = {l: [] for l in want}, []
+    parts, toks, where = {l: [] for l in want}, [], []
     for r in tqdm(rows, desc=desc, unit="prompt"):
         ids = bb.encode(r["text"], max_tokens=max_tokens, truncate=True)
         if len(ids) < 3:
             continue
         toks.append(ids)
-        h = hidden_at(bb, ids, want, probe_positions(len(ids), per_prompt))
+        where.append(probe_positions(len(ids), per_prompt))
+        h = hidden_at(bb, ids, want, where[-1])
         for l in want:
             parts[l].append(h[l])
     if not toks:
         raise AGPError("no lane prompt had 3 or more tokens; the lanes are empty")
-    return States({l: np.concatenate(v) for l, v in parts.items()}, toks, len(toks))
+    return States({l: np.concatenate(v) for l, v in parts.items()}, toks, len(toks), where)
 
 
 # --- exit-head sweep -------------------------------------------------------------------------------
@@ -179,16 +195,7 @@ class ExitSweep:
     rows: list                       # one dict per (layer, vocab): identity / ridge / distilled metrics, costs
     heads: dict                      # (layer, vocab) -> distilled ExitHead
     full_head_ms: float
-
-
-def time_ms(fn, repeat: int = 8) -> float:
-    """Best-of-`repeat` wall time of fn() in ms (forcing evaluation)."""
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        mx.eval(fn())
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    top1: np.ndarray                 # the full-depth greedy token at each valid position
 
 
 def sweep_exits(bb, train: States, valid: States, cfg: RuntimeArgs) -> ExitSweep:
@@ -210,7 +217,7 @@ def sweep_exits(bb, train: States, valid: States, cfg: RuntimeArgs) -> ExitSweep
         rows.append(row)
         heads[(E, len(ids))] = head
     bar.close()
-    return ExitSweep(rows, heads, full_ms)
+    return ExitSweep(rows, heads, full_ms, top1)
 
 
 def sweep_one(bb, E: int, ids, train: States, valid: States, top1, cfg: RuntimeArgs, bar, distil: bool = True,
@@ -250,49 +257,66 @@ def sweep_one(bb, E: int, ids, train: States, valid: States, top1, cfg: RuntimeA
     return row, head
 
 
+# --- feature draft head ------------------------------------------------------------------------------
+def train_feature_draft(bb, rows: dict, train: States, valid: States, sweep: ExitSweep, cfg: RuntimeArgs):
+    """The EAGLE-style feature draft head over the saved shortlist, trained on the final states of
+    the train prompts plus `draft_prompts` more (final layer only), measured on the valid prompts."""
+    if not cfg.feature_draft or bb.arch != "gemma3_text":
+        return None
+    L = bb.n_layers
+    more = pick(rows["train"], cfg.prompts + cfg.draft_prompts)[cfg.prompts:]
+    extra = collect_states(bb, more, [], cfg.max_tokens, cfg.max_tokens, "draft states") if more else None
+    parts = [train] + ([extra] if extra else [])
+    finals = np.concatenate([x.hidden[L] for x in parts])
+    ids = next(h.ids_np for (E, V), h in sweep.heads.items() if V == min(cfg.vocab, bb.vocab_size))
+    bar = tqdm(total=cfg.draft_steps, desc="feature draft head", unit="step")
+    fit = fit_feature_draft(bb, finals, [t for x in parts for t in x.tokens], [p for x in parts for p in x.positions],
+                            valid, ids, cfg, bar)
+    bar.close()
+    return fit
+
+
 # --- choose and save -------------------------------------------------------------------------------
-def expected_speedup(share: float, acceptance: float, draft_cost: float, k: int) -> float:
-    """One speculative round under a cost model in units of a plain step: a draft is proposed
-    with probability `share` (confidence gate) and accepted with `acceptance`, independently per
-    position; each proposed draft costs `draft_cost` (its layer-[0, E) weight reads plus one more
-    verified position); the verify pass costs one plain step. Tokens per round over cost."""
-    sa = share * acceptance
-    tokens = 1 + sum(sa ** j for j in range(1, k + 1))
-    cost = 1 + draft_cost * sum(share ** j for j in range(1, k + 1))
-    return tokens / cost
-
-
 @dataclass
 class Choice:
-    draft_layer: int
+    kind: str                        # the draft `speculative` uses: "exit" or "feature"
+    draft_layer: int                 # the best exit head's layer (speculative:exit, entropy)
     vocab: int
     draft_min_confidence: float
     draft_max: int
     expected_speedup: float
+    per_kind: dict                   # kind -> the best row of that draft
     table: list
 
 
-def choose_draft(bb, sweep: ExitSweep, costs, cfg: RuntimeArgs) -> Choice:
-    """The exit layer, confidence gate and draft length the cost model favours, from the
-    measured valid-set confidence curve of each saved head."""
+def choose_draft(bb, sweep: ExitSweep, costs, cfg: RuntimeArgs, valid: States, feature=None) -> Choice:
+    """The draft (exit head at E, or the feature head), confidence gate and draft length the cost
+    model favours, from chains of drafts measured on the valid prompts."""
     full = costs.full_token(cfg.max_tokens).reads
+    V = min(cfg.vocab, bb.vocab_size)
     table = []
-    for r in (r for r in sweep.rows if r["vocab"] == min(cfg.vocab, bb.vocab_size)):
-        cost = (costs.layers(0, r["layer"], cfg.max_tokens).reads + r["exit_head_macs"]) / full + VERIFY_POSITION_COST
-        for c in r["confidence_curve"]:
-            if c["acceptance"] is None:
-                continue
-            for k in range(1, cfg.draft_max + 1):
-                table.append({"layer": r["layer"], "vocab": r["vocab"], "tau": c["tau"], "k": k,
-                              "share": c["share"], "acceptance": c["acceptance"], "draft_cost": cost,
-                              "expected_speedup": expected_speedup(c["share"], c["acceptance"], cost, k)})
-    best = max(table, key=lambda t: t["expected_speedup"])
-    return Choice(best["layer"], best["vocab"], best["tau"], best["k"], best["expected_speedup"], table)
+    for r in (r for r in sweep.rows if r["vocab"] == V):
+        head = sweep.heads[(r["layer"], r["vocab"])]
+        conf, ok = exit_chains(head, valid.hidden[r["layer"]], sweep.top1, valid.runs(), cfg.draft_max)
+        cost = (costs.layers(0, r["layer"], cfg.max_tokens).reads + head.macs()) / full + VERIFY_POSITION_COST
+        table += chain_table(conf, ok, cost, TAUS, cfg.draft_max, kind="exit", layer=r["layer"], vocab=V)
+    if feature is not None:
+        cost = feature.head.macs() / full + VERIFY_POSITION_COST
+        table += chain_table(feature.conf, feature.ok, cost, TAUS, cfg.draft_max, kind="feature", layer=None,
+                             vocab=len(feature.head.ids_np))
+    per_kind = {}
+    for t in table:
+        if t["expected_speedup"] > per_kind.get(t["kind"], {}).get("expected_speedup", 0):
+            per_kind[t["kind"]] = t
+    best = max(per_kind.values(), key=lambda t: t["expected_speedup"])
+    return Choice(best["kind"], per_kind["exit"]["layer"], V, best["tau"], best["k"], best["expected_speedup"],
+                  per_kind, table)
 
 
 def save_heads(out: Path, bb, sweep: ExitSweep, choice: Choice, adapter: str | None, cfg: RuntimeArgs,
-               model: str | None = None) -> dict:
-    """One head per exit layer (at the chosen V) + runtime.json naming the draft layer and backbone."""
+               model: str | None = None, feature=None) -> dict:
+    """One head per exit layer (at the chosen V), the feature draft head, and runtime.json naming
+    the draft `speculative` uses, each draft's gate and length, and the backbone."""
     saved = {}
     for (E, V), head in sweep.heads.items():
         if V != choice.vocab:
@@ -301,8 +325,13 @@ def save_heads(out: Path, bb, sweep: ExitSweep, choice: Choice, adapter: str | N
         head.save(out / "exit_heads" / f"L{E}", {"model_fingerprint": bb.fingerprint, "valid": row["final"],
                                                  "kept": row["kept"]})
         saved[E] = str(out / "exit_heads" / f"L{E}")
+    if feature is not None:
+        feature.head.save(out / "draft_head", {"model_fingerprint": bb.fingerprint, "valid": feature.row["valid"]})
+    drafts = {k: {"draft_max": r["k"], "draft_min_confidence": r["tau"], "expected_speedup": r["expected_speedup"],
+                  "layer": r["layer"]} for k, r in choice.per_kind.items()}
     meta = {"model_fingerprint": bb.fingerprint, "model": model, "adapter_dir": adapter, "exit_layers": sorted(saved),
             "draft_layer": choice.draft_layer, "vocab": choice.vocab, "late_boundary": [cfg.late_boundary],
+            "draft_kind": choice.kind, "drafts": drafts, "feature_draft": "draft_head" if feature is not None else None,
             "draft_max": choice.draft_max, "draft_min_confidence": choice.draft_min_confidence}
     io.write_json(out / "runtime.json", meta)
     return meta
@@ -349,12 +378,16 @@ def benchmark(bb, heads, prompts, cfg: RuntimeArgs) -> Bench:
     n = cfg.bench_new_tokens
     spec_args = dict(draft_max=heads.meta.get("draft_max", cfg.draft_max),
                      draft_min_confidence=heads.meta.get("draft_min_confidence", cfg.draft_min_confidence))
+    # the draft the run chose is `speculative`; every other draft the run has is benchmarked too
+    others = [(f"speculative:{k}", {"draft_max": d["draft_max"], "draft_min_confidence": d["draft_min_confidence"]})
+              for k, d in (heads.meta.get("drafts") or {}).items()
+              if k != heads.draft_kind and (k != "feature" or heads.feature is not None)]
     run_anchor(bb, prompts[0][1], 4, "warmup")         # both paths warm before anything is timed
     run_mode(bb, "full", None, prompts[0][1], 4, "warmup")
     runs = []
     lossy = lossy_modes(heads, cfg)
     n_lossy = min(cfg.lossy_prompts, len(prompts) - 1)
-    todo = len(prompts) * 3 + n_lossy * len(lossy)
+    todo = len(prompts) * (3 + len(others)) + n_lossy * len(lossy)
     with tqdm(total=todo, desc="benchmark (modes x prompts)", unit="run") as bar:
         for i, (name, ids) in enumerate(prompts):
             anchor = run_anchor(bb, ids, n, name)
@@ -364,6 +397,9 @@ def benchmark(bb, heads, prompts, cfg: RuntimeArgs) -> Bench:
             spec = run_mode(bb, "speculative", heads, ids, n, name, GenerateArgs(**spec_args))
             bar.update(1)
             group = [("mlx_lm.generate", anchor, {}), ("full", full, {}), ("speculative", spec, spec_args)]
+            for mode, kw in others:
+                group.append((mode, run_mode(bb, mode, heads, ids, n, name, GenerateArgs(**kw)), kw))
+                bar.update(1)
             if i < n_lossy:
                 for mode, kw in lossy:
                     group.append((_label(mode, kw), run_mode(bb, mode, heads, ids, n, name, GenerateArgs(**kw)), kw))
@@ -438,6 +474,8 @@ def profile_components(bb, heads, ids: list[int]) -> dict:
     h = bb.start(mx.array([[ids[-1]]])).h0
     out = {"layers_all_ms": time_ms(lambda: step(0, L)), f"layers_0_{E}_ms": time_ms(lambda: step(0, E)),
            "full_head_ms": time_ms(lambda: bb.head(h)), "exit_head_ms": time_ms(lambda: heads.draft.logits(h))}
+    if heads.feature is not None:
+        out["feature_draft_ms"] = time_ms(lambda: heads.feature.step(h, ids[-1])[1])
     if heads.controller is not None:
         from agp.heads.controller import route_decisions
         ctl, cal = heads.controller
@@ -537,9 +575,12 @@ def run(run, args) -> dict:
     t = time.perf_counter()
     sweep = sweep_exits(bb, train, valid, cfg)
     timings["exit_heads_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    feature = train_feature_draft(bb, src.rows, train, valid, sweep, cfg)
+    timings["feature_draft_s"] = time.perf_counter() - t
     costs = CostModel(bb)
-    choice = choose_draft(bb, sweep, costs, cfg)
-    meta = save_heads(out, bb, sweep, choice, src.adapter_dir, cfg, getattr(args, "model", None))
+    choice = choose_draft(bb, sweep, costs, cfg, valid, feature)
+    meta = save_heads(out, bb, sweep, choice, src.adapter_dir, cfg, getattr(args, "model", None), feature)
     # the benchmark loads the heads from disk exactly as `agp generate` does
     heads = H.load(run, bb, "routed" if run.stage("controller").get("status") == "done" else "speculative",
                    finished=False)
@@ -553,7 +594,9 @@ def run(run, args) -> dict:
     io.write_json(out / "sweep.json", {"rows": sweep.rows, "choice_table": choice.table})
     metrics = {"config": cfg.to_dict(), "backbone": "adapter" if src.adapter_dir else "base",
                "adapter_dir": src.adapter_dir, "model_fingerprint": bb.fingerprint, "runtime": meta,
-               "sweep": sweep.rows, "choice": {"draft_layer": choice.draft_layer, "vocab": choice.vocab,
+               "sweep": sweep.rows, "feature_draft": feature.row if feature is not None else None,
+               "choice": {"kind": choice.kind, "per_kind": choice.per_kind,
+                          "draft_layer": choice.draft_layer, "vocab": choice.vocab,
                                                "draft_min_confidence": choice.draft_min_confidence,
                                                "draft_max": choice.draft_max,
                                                "expected_speedup": choice.expected_speedup},
