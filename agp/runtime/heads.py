@@ -2,7 +2,7 @@
 
 What each mode needs: `full` nothing; `speculative` the draft exit head; `exit:L` an exit head
 at L; `entropy` the draft exit head; `routed` the stage-2 controller plus exit heads at its
-decision layer and late boundary. A missing piece is a one-line error naming the stage to run.
+decision layer and late boundary (and the depth stage's revive operation when that stage finished). A missing piece is a one-line error naming the stage to run.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class RuntimeHeads:
     exits: dict = field(default_factory=dict)     # layer -> ExitHead
     draft_layer: int | None = None
     controller: object = None                     # (Controller, calibration) or None
+    reviver: object = None                        # agp.runtime.revive.Reviver (depth stage) or None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -66,4 +67,7 @@ def load(run, bb, mode: str, finished: bool = True) -> RuntimeHeads:
         from agp.heads.controller import load_deployed
         run.require("controller", "mode routed")
         heads.controller = load_deployed(Path(run.path) / "controller" / "heads")
+        if run.stage("depth").get("status") == "done":      # revive_local gets its operation
+            from agp.runtime.revive import Reviver
+            heads.reviver = Reviver.load(bb, Path(run.path) / "depth" / "revive")
     return heads
