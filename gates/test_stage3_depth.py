@@ -64,7 +64,8 @@ def test_revive_makes_some_unacceptable_positions_acceptable(rec):
 @pytest.mark.xfail(strict=False, reason="goal not reached at CI size: see gates/thresholds.py STAGE3_REVIVE_GOAL")
 def test_goal_revive_rescues_a_third(rec):
     rv = rec["metrics"]["revive"]
-    assert max(r["rescued_share"] or 0 for r in rv["rows"]) >= T.STAGE3_REVIVE_GOAL
+    chosen = next(r for r in rv["rows"] if r["layer"] == rv["chosen_layer"])
+    assert chosen["rescued_share"] >= T.STAGE3_REVIVE_GOAL
 
 
 def test_report_and_plots_exist(agp_run, rec):
