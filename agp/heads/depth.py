@@ -39,9 +39,9 @@ FILE, META = "depth_module.safetensors", "depth_module.json"
 
 @dataclass
 class DepthArgs(ConfigMixin):
-    rank: int = 128               # width r of the value map
-    steps: int = 300              # distillation steps per module
-    batch: int = 256              # positions per step
+    rank: int = 64                # width r of the value map
+    steps: int = 150              # distillation steps per module (CI size; configs/real-size.yaml: 600)
+    batch: int = 128              # positions per step
     lr: float = 1e-3              # AdamW learning rate
     weight_decay: float = 1e-2    # AdamW weight decay
     hidden_weight: float = 0.0    # weight of the 1 - cos(translated routed state, final state) term

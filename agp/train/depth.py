@@ -46,7 +46,7 @@ class DepthStageArgs(ConfigMixin):
     max_tokens: int = 96              # tokens per prompt
     per_prompt: int = 48              # positions per prompt
     layers: list | None = None        # candidate blocks; None: the controller's D and the runtime's late boundary
-    module: DepthArgs = field(default_factory=lambda: DepthArgs(rank=64, steps=150, batch=128))
+    module: DepthArgs = field(default_factory=DepthArgs)
     probe_batch: int = 64             # positions per vocabulary-wide head call in the evaluation
 
     def validate(self) -> None:
