@@ -152,3 +152,29 @@ STAGE5_SPEC_ACCEPTANCE_MIN = 0.5
 # (E=15 shortlist head) 0.910 at 0.644, 0.949 at 0.703, 0.965 at 0.744; exit:15 0.704 at 0.332.
 # Entropy reaches both targets more cheaply, so routed does not dominate: the check is an xfail.
 STAGE5_AGREEMENT_TARGETS = (0.9, 0.95)
+
+# --- stage 3: depth-routing module and revive (issue 16, gates/test_stage3_depth.py) --------------
+# Measured on a copy of the CI reference run (adapter backbone; 32 train prompts -> 1191 positions,
+# 12 held-out prompts -> 506 positions; rank 64, 150 steps): mean KL to full depth, module +
+# tuned-lens translator vs the tuned lens alone, 0.746 vs 0.761 at D = 12 (ratio 0.98) and 0.193 vs
+# 0.213 at the late boundary 15 (0.906); top-1 0.613 vs 0.571 and 0.785 vs 0.767. The gain at D is
+# within what another held-out sample moves, so the measurement justifies "not worse", not a margin:
+# the bound fails a module that makes the tuned lens worse by more than 5%. Second run (defaults,
+# 218 held-out positions): 0.858 vs 0.922 (0.93) at 12, 0.221 vs 0.233 (0.95) at 15.
+STAGE3_KL_RATIO_VS_TUNED_MAX = 1.05
+# Top-1 may not fall below the tuned lens's by more than 0.02 (one-prompt noise on ~500 positions).
+STAGE3_TOP1_SLACK = 0.02
+# Against the plain residual path (logit lens): measured KL ratio 0.746/9.05 = 0.08 and 0.193/4.24 =
+# 0.05; 0.2 fails a module that lost most of the tuned lens's gain.
+STAGE3_KL_RATIO_VS_PLAIN_MAX = 0.2
+# The issue's goal, >= 30% lower KL than the tuned lens at layers <= 12: measured 2% at CI size
+# (train KL on the shortlist 0.156 vs held-out 0.746: the value map overfits ~1.2K positions). xfail.
+STAGE3_KL_GOAL_RATIO = 0.7
+# Revive at D (module + translator, shortlist emission) among positions whose tuned-lens state at D
+# is not acceptable under the controller's label rule: measured 0.117 of 367 made acceptable at
+# 3.1 M MACs (0.016 of the remaining layers + head); 0.082 of 159 in the second run; 0.05 fails a
+# revive that stopped rescuing (one held-out sample moved it by 0.035).
+STAGE3_REVIVE_RESCUE_MIN = 0.05
+# The issue's goal (a third) is not reached at D (0.117): xfail. At the late boundary revive rescued
+# 0.553, but the tuned lens alone there rescued 0.520 (docs/depth.md).
+STAGE3_REVIVE_GOAL = 1 / 3

@@ -16,8 +16,9 @@ Per mode, what decides:
              else full depth (CALM's softmax-confidence rule, on the shortlist head).
   routed     the controller at D reads the hidden states at its read layers: accept_local -> exit
              head at D; continue_local -> exit head at the late boundary B; escalate -> full
-             depth; revive_local -> the `revive` slot, which is provisionally full local depth
-             (the depth-routing stage fills it); an abstaining controller escalates.
+             depth; revive_local -> the depth stage's revive operation at D (agp/runtime/revive.py:
+             depth module over the states of blocks 0..D, shortlist emission), or full local depth
+             when the run has no depth stage; an abstaining controller escalates.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ class EarlyExitDecoder:
         if not self.D < self.B < self.L or any(r > self.D for r in self.read):
             raise AGPError(f"routed needs read layers <= D < B < L, got read {self.read}, D {self.D}, B {self.B}")
         self.accept_head, self.late_head = heads.exit_at(self.D), heads.exit_at(self.B)
+        rv = getattr(heads, "reviver", None)
+        self.reviver = rv if rv is not None and rv.layer == self.D else None   # revive at B: not wired yet
         self.bounds = [0, self.D, self.B, self.L]
 
     # --- state ------------------------------------------------------------------------------
@@ -80,8 +83,9 @@ class EarlyExitDecoder:
     def first_segment(self, t: int):
         """Layers [0, bounds[1]) for token t; the states at routed read layers come with it."""
         p = self.bb.start(mx.array([[t]]), self.cache)
-        stops = sorted({x for x in getattr(self, "read", []) if 0 < x < self.bounds[1]} | {self.bounds[1]})
-        h, at, got = p.h0, 0, {}
+        extra = set(self.reviver.sources) if getattr(self, "reviver", None) is not None else set()
+        stops = sorted({x for x in set(getattr(self, "read", [])) | extra if 0 < x < self.bounds[1]} | {self.bounds[1]})
+        h, at, got = p.h0, 0, {0: p.h0}
         for s in stops:
             h = p.run(h, at, s)
             got[s], at = h, s
@@ -159,11 +163,15 @@ class EarlyExitDecoder:
             t, _, c = self.exit_token(self.late_head, h)
             self.stop_at(h, self.B)
             return t, action, self.B, cost + c2 + c
-        # escalate, and revive_local through the provisional revive slot (full local depth)
+        if action == "revive_local" and self.reviver is not None:
+            t, _, c = self.reviver.token(got)
+            self.stop_at(h, self.D)          # the plain state catches up the deeper KV later
+            return t, action, self.D, cost + c
+        # escalate, and revive_local without a depth stage (full local depth)
         h, c2 = self.revive(h) if action == "revive_local" else self.deeper(h, self.D, self.L)
         t, c3 = self.full_token(h)
         return t, action, self.L, cost + c2 + c3
 
     def revive(self, h):
-        """The revive operation slot: provisionally full local depth (the depth stage fills it)."""
+        """revive_local when the run has no depth stage: full local depth."""
         return self.deeper(h, self.D, self.L)

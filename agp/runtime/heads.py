@@ -3,7 +3,7 @@
 What each mode needs: `full` nothing; `speculative` the draft the run chose (`speculative:exit`
 the exit head at the draft layer, `speculative:feature` the feature draft head); `exit:L` an exit head
 at L; `entropy` the draft exit head; `routed` the stage-2 controller plus exit heads at its
-decision layer and late boundary. A missing piece is a one-line error naming the stage to run.
+decision layer and late boundary (and the depth stage's revive operation when that stage finished). A missing piece is a one-line error naming the stage to run.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class RuntimeHeads:
     feature: object = None                        # FeatureDraftHead (EAGLE-style) or None
     draft_kind: str = "exit"                      # the draft `speculative` uses: "exit" or "feature"
     controller: object = None                     # (Controller, calibration) or None
+    reviver: object = None                        # agp.runtime.revive.Reviver (depth stage) or None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -72,4 +73,7 @@ def load(run, bb, mode: str, finished: bool = True) -> RuntimeHeads:
         from agp.heads.controller import load_deployed
         run.require("controller", "mode routed")
         heads.controller = load_deployed(Path(run.path) / "controller" / "heads")
+        if run.stage("depth").get("status") == "done":      # revive_local gets its operation
+            from agp.runtime.revive import Reviver
+            heads.reviver = Reviver.load(bb, Path(run.path) / "depth" / "revive")
     return heads

@@ -1,0 +1,108 @@
+"""The depth stage end to end on a tiny model (baseline, controller, runtime first), routed
+generation through its revive operation, and the refusals (other model or block, NaN weights,
+a run without the controller's translators)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from agp.cli import main
+from agp.errors import AGPError
+from agp.runs import Run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    model = tiny_model_dir["gemma3_text"]
+    assert main(["run", "--stage", "baseline", "--runs", str(root), "--model", model, "--no-gates",
+                 "--baseline-prompts", "2", "--baseline-decode-tokens", "2"]) == 0
+    assert main(["run", "--stage", "controller", "--runs", str(root), "--model", model, "--no-gates",
+                 "--controller-prompts", "16", "--controller-steps", "40"]) == 0
+    assert main(["run", "--stage", "runtime", "--runs", str(root), "--model", model, "--no-gates",
+                 "--runtime-exit-layers", "2,3", "--runtime-prompts", "6", "--runtime-bench-prompts", "1",
+                 "--runtime-new-tokens", "4", "--runtime-long-prompt-tokens", "300", "--runtime-head-steps", "5",
+                 "--runtime-vocabs", "128"]) == 0
+    assert main(["run", "--stage", "depth", "--runs", str(root), "--model", model, "--no-gates",
+                 "--depth-prompts", "6", "--depth-heldout-prompts", "3", "--depth-module-steps", "20"]) == 0
+    return Run((root / "latest").resolve()), model
+
+
+def test_depth_stage_writes_modules_ablation_and_revive(tiny_run):
+    run, _ = tiny_run
+    rec = run.stage("depth")
+    assert rec["status"] == "done"
+    m = rec["metrics"]
+    assert m["layers"] == [4, 5] and m["decision_layer"] == 4          # D and the late boundary of 6 layers
+    assert all(m["identity_exact"].values())
+    variants = {(r["layer"], r["variant"]) for r in m["ablation"]}
+    assert len(variants) == 10
+    for r in m["ablation"]:
+        assert np.isfinite(r["kl"]) and 0 <= r["top1"] <= 1 and 0 <= r["acceptable"] <= 1
+    d = run.path / "depth"
+    for f in ("report.md", "ablation_L4.png", "ablation_L5.png", "identity_sample.npz", "revive/revive.json"):
+        assert (d / f).stat().st_size > 0, f
+    assert all(r["macs"] < r["remaining_macs"] for r in m["revive"]["rows"])
+
+
+def test_trained_module_reloads_and_refuses_another_model_or_block(tiny_run):
+    from agp.backbone import load
+    from agp.heads.depth import DepthModule
+    run, model = tiny_run
+    bb = load(model)
+    d = run.path / "depth" / "modules" / "L4"
+    m, meta = DepthModule.load(d, bb.fingerprint, 4)
+    assert meta["layer"] == 4 and m.sources == list(range(5))
+    with pytest.raises(AGPError, match="another model"):
+        DepthModule.load(d, "0" * 64, 4)
+    with pytest.raises(AGPError, match="block 4, but block 5"):
+        DepthModule.load(d, bb.fingerprint, 5)
+
+
+def test_nan_weights_are_refused(tiny_run, tmp_path):
+    from agp.backbone import load
+    from agp.heads.depth import DepthModule
+    run, model = tiny_run
+    bad = tmp_path / "L4"
+    shutil.copytree(run.path / "depth" / "modules" / "L4", bad)
+    w = mx.load(str(bad / "depth_module.safetensors"))
+    w["up"] = w["up"] * float("nan")
+    mx.save_safetensors(str(bad / "depth_module.safetensors"), w)
+    with pytest.raises(AGPError, match="non-finite values in 'up'"):
+        DepthModule.load(bad, load(model).fingerprint, 4)
+
+
+def test_routed_generation_uses_the_revive_operation(tiny_run, capsys):
+    run, model = tiny_run
+    assert main(["generate", "def f(x):", "--mode", "routed", "--run", str(run.path), "--model", model,
+                 "--max-new-tokens", "4"]) == 0
+    assert "[routed] 4 tokens" in capsys.readouterr().err
+
+
+def test_revive_token_equals_the_module_decode(tiny_run):
+    """The runtime's revive op on one position emits the shortlist argmax of module + translator."""
+    from agp.backbone import load
+    from agp.runtime.revive import Reviver
+    run, model = tiny_run
+    bb = load(model)
+    rv = Reviver.load(bb, run.path / "depth" / "revive")
+    z = np.load(run.path / "depth" / "identity_sample.npz")
+    states = {int(k[1:]): mx.array(z[k][:1][None]) for k in z.files}
+    tok, p1, cost = rv.token(states)
+    h = rv.module.apply({s: z[f"h{s}"][:1] for s in rv.sources})
+    want = int(rv.decoder.ids_np[int(mx.argmax(rv.decoder.logits(h), axis=-1)[0].item())])
+    assert tok == want and 0 < p1 <= 1 and cost.macs == rv.macs()
+
+
+def test_a_run_without_translators_names_the_stage(tiny_run, tmp_path, capsys):
+    run, model = tiny_run
+    bare = tmp_path / "bare"
+    shutil.copytree(run.path, bare)
+    (bare / "controller" / "translators.npz").unlink()
+    assert main(["run", "--stage", "depth", "--run-dir", str(bare), "--model", model, "--no-gates"]) != 0
+    err = capsys.readouterr().err
+    assert "translators" in err and "agp run --stage controller" in err
