@@ -126,11 +126,12 @@ def agree(w: World, what: dict) -> None:
 
 def broadcast(w: World, arrays: dict) -> dict:
     """rank 0's arrays on every rank (an all_sum to which the other ranks add zeros: exact).
-    Every rank passes arrays of the same names, shapes and dtypes."""
+    Every rank passes arrays of the same names, shapes and dtypes; they are sent in name order,
+    since the ranks' dicts may be ordered differently (a restored state comes back sorted)."""
     if w.size == 1:
         return arrays
-    out = {k: mx.distributed.all_sum(v if w.rank == 0 else mx.zeros_like(v), group=w.group, stream=mx.cpu)
-           for k, v in arrays.items()}
+    out = {k: mx.distributed.all_sum(arrays[k] if w.rank == 0 else mx.zeros_like(arrays[k]), group=w.group,
+                                     stream=mx.cpu) for k in sorted(arrays)}
     mx.eval(out)
     return out
 
