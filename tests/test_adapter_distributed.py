@@ -194,5 +194,4 @@ def test_only_the_adapter_stage_runs_across_ranks(baseline_run, tiny_model_dir, 
            sys.executable, "-m", "agp.cli", "run", "--stage", "baseline", "--run-dir", str(run), "--no-gates"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120,
                           preexec_fn=_restore_sigint)
-    assert proc.returncode != 0
     assert "only `agp run --stage adapter` runs across ranks" in proc.stderr + proc.stdout
