@@ -8,6 +8,10 @@ Which run a command works on (the rule the README states under "Runs are complet
   (git commit) for the same model; otherwise a fresh run starts. `--fresh` always starts one.
 A stage recorded as running (interrupted) or failed is re-run, never read; a finished stage whose
 gate did not pass has its gate run again.
+
+Under `mlx.launch` (more than one rank, docs/adapter.md "Across hosts") only `--stage adapter`
+runs, on a run whose baseline is finished: rank 0 picks the run, trains with the others, writes
+everything and runs the gate; every other rank only trains.
 """
 from __future__ import annotations
 
@@ -58,6 +62,10 @@ class Plan:
 
 def main(args) -> int:
     resolve_configs(args)
+    from agp.train import distributed
+    world = distributed.world()
+    if world.size > 1:
+        return distributed_main(args, world)
     plan = choose_run(args)
     print(f"agp: {plan.reason}")
     mods = stages.implemented()
@@ -66,6 +74,24 @@ def main(args) -> int:
         if not run_stage(plan.run, mods[name], args, rerun=name == args.stage):
             ok = False
             break
+    print_summary(plan.run)
+    return 0 if ok else 1
+
+
+def distributed_main(args, world) -> int:
+    """One rank of a data-parallel adapter run (see the module docstring)."""
+    if args.stage != "adapter":
+        raise AGPError(f"under mlx.launch ({world.size} ranks) only `agp run --stage adapter` runs across ranks; "
+                       f"run the other stages without mlx.launch")
+    mods = stages.implemented()
+    if not world.writer:
+        return mods["adapter"].worker(args)
+    plan = choose_run(args)
+    if not stages.finished(plan.run.stage("baseline")):
+        raise AGPError(f"run {plan.run.path} has no finished baseline stage; run `agp run --stage baseline` "
+                       f"(without mlx.launch) first, then launch the adapter stage with --run-dir")
+    print(f"agp: {plan.reason} ({world.label}, backend {world.backend})")
+    ok = run_stage(plan.run, mods["adapter"], args)
     print_summary(plan.run)
     return 0 if ok else 1
 
@@ -179,7 +205,9 @@ def run_gate(run: runs.Run, marker: str) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-m", marker, str(gates),
            f"--agp-run={run.path.resolve()}", "--rootdir", str(gates.parent)]
     # a wide "terminal" keeps pytest from cutting the failure reasons in its short summary
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "4000"})
+    from agp.train.distributed import clean_env
+    # without the launcher's variables: the gate is one process, not a rank of the training group
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**clean_env(os.environ), "COLUMNS": "4000"})
     lines = [ln.strip() for ln in proc.stdout.strip().splitlines() if ln.strip()]
     summary = lines[-1].strip("= ") if lines else proc.stderr.strip()[-200:]
     outcome = "passed" if proc.returncode == 0 else "failed"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from agp.config import ConfigMixin
 from agp.data.build import DataArgs, build, load_lane
 from agp.data.default_corpus import CONTROL, control_texts
 from agp.errors import AGPError
-from agp.train import nll, tuner
+from agp.train import distributed, nll, tuner
 
 NAME = "adapter"
 MARKER = "stage1"
@@ -58,11 +59,14 @@ class AdapterArgs(ConfigMixin):
     lens_rows: int = 3            # held-out rows that get the lens pass (a vocabulary-wide head per layer)
     source: str | None = None     # transcripts directory; None = offline default corpus
     source_format: str | None = None  # read every source file with this reader instead of detecting it
+    peer_timeout: float = 300.0   # under mlx.launch: seconds a rank waits on its peers before it ends with one line
 
     def validate(self) -> None:
         for name in ("rank", "blocks", "iters", "batch_size", "max_seq", "eval_rows", "control_rows"):
             if getattr(self, name) < 1:
                 raise AGPError(f"--adapter-{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.peer_timeout <= 0:
+            raise AGPError(f"--adapter-peer-timeout must be positive seconds, got {self.peer_timeout}")
         if self.kind not in ("lora", "dora"):
             raise AGPError(f"--adapter-kind must be lora or dora, got {self.kind!r}")
         if self.source_format not in (None, *SOURCE_FORMATS):
@@ -93,14 +97,13 @@ def run(run, args) -> dict:
     """Build the lanes, train the adapter, evaluate base vs tuned, write artifacts and report."""
     t0 = time.perf_counter()
     cfg = config_from(args)
+    world = distributed.world()
     out = run.stage_dir(NAME)
-    lanes = build_lanes(out / "data", cfg)
-    backbone = _fresh_backbone(getattr(args, "model", None))
-    sets = encode_sets(backbone, lanes, cfg)
-    ckpt = tuner.Checkpoints(out / "checkpoints", _identity(cfg, lanes, backbone.fingerprint))
-    ckpt.root.mkdir(parents=True, exist_ok=True)
-    base = base_eval(backbone, sets, ckpt, cfg)
-    training = train_adapter(backbone, sets, ckpt, cfg)
+    lanes, backbone, sets, ckpt = prepare(out, cfg, getattr(args, "model", None), world)
+    # across ranks the base is scored after training, so no peer waits on rank 0's evaluation
+    base = base_eval(backbone, sets, ckpt, cfg) if world.size == 1 else None
+    training = train_adapter(backbone, sets, ckpt, cfg, world)
+    base = base or base_eval(_fresh_backbone(getattr(args, "model", None)), sets, ckpt, cfg)
     tuned = {"heldout": nll.evaluate(backbone, sets.heldout, cfg.lens_positions, "tuned held-out", cfg.lens_rows),
              "control": nll.evaluate(backbone, sets.control, 0, "tuned control")}
     adapter_dir, meta = save_adapter(out / "adapter", backbone, training, lanes, cfg)
@@ -116,6 +119,39 @@ def run(run, args) -> dict:
     run.update_stage(NAME, artifacts={"adapter_dir": run.relative(adapter_dir), "data_dir": run.relative(lanes.data_dir),
                                       "eval": run.relative(out / "eval.json")})
     return metrics
+
+
+def worker(args) -> int:
+    """A rank other than 0 under `mlx.launch`: the same lanes, model and training as rank 0, in a
+    scratch folder of its own (the run lives on rank 0's host); it writes nothing that stays."""
+    cfg = config_from(args)
+    world = distributed.world()
+    with tempfile.TemporaryDirectory(prefix="agp-rank-") as scratch:
+        _, backbone, sets, ckpt = prepare(Path(scratch), cfg, getattr(args, "model", None), world)
+        training = train_adapter(backbone, sets, ckpt, cfg, world)
+    mine = training.fit["ranks"][world.rank]
+    print(f"agp: {world.label}: trained steps {training.fit['resumed_from'] + 1}-{cfg.iters} "
+          f"({mine['tokens_per_second']} tok/s on this rank); rank 0 writes the adapter and the run")
+    return 0
+
+
+def prepare(out: Path, cfg: AdapterArgs, model, world):
+    """Lanes, a fresh backbone, encoded sets and the checkpoints (rank 0's only write), with every
+    rank checked to hold the same settings, data and model before any training."""
+    lanes = build_lanes(out / "data", cfg)
+    backbone = _fresh_backbone(model)
+    sets = encode_sets(backbone, lanes, cfg)
+    ident = _identity(cfg, lanes, backbone.fingerprint)
+    with distributed.PeerWatch(world, cfg.peer_timeout) as watch:
+        watch.kick("joining (every rank checks it holds the same settings, data and model)")
+        try:
+            distributed.agree(world, {"identity": ident, "train_rows": len(sets.train)})
+        except RuntimeError as e:
+            raise distributed.lost(world, watch.phase, e) from None
+    ckpt = tuner.Checkpoints(out / "checkpoints", ident, writer=world.writer)
+    if world.writer:
+        ckpt.root.mkdir(parents=True, exist_ok=True)
+    return lanes, backbone, sets, ckpt
 
 
 @dataclass
@@ -154,7 +190,8 @@ def encode_sets(backbone, lanes: Lanes, cfg: AdapterArgs) -> EncodedSets:
 def _identity(cfg: AdapterArgs, lanes: Lanes, base_fingerprint: str) -> str:
     """What a checkpoint must match to be resumed: the config, the training data and the base model."""
     sft_sha = lanes.manifest["lanes"]["sft"]["train"]["sha256"]
-    return hashlib.sha256(json.dumps([cfg.to_dict(), sft_sha, base_fingerprint], sort_keys=True).encode()).hexdigest()
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "peer_timeout"}   # a wait bound, not a result
+    return hashlib.sha256(json.dumps([settings, sft_sha, base_fingerprint], sort_keys=True).encode()).hexdigest()
 
 
 def base_eval(backbone, sets: EncodedSets, ckpt, cfg: AdapterArgs) -> dict:
@@ -174,12 +211,13 @@ class Training:
     base_fingerprint: str      # of the backbone before the adapter was attached
     adapter_config: dict
     trainable_params: int
-    fit: dict                  # tuner.fit's result: history, resumed_from
+    fit: dict                  # tuner.fit's result: history, resumed_from, ranks
+    world: dict                # world_size, backend
     seconds: float
     peak_gb: float
 
 
-def train_adapter(backbone, sets: EncodedSets, ckpt, cfg: AdapterArgs) -> Training:
+def train_adapter(backbone, sets: EncodedSets, ckpt, cfg: AdapterArgs, world=tuner.SINGLE) -> Training:
     base_fingerprint = backbone.fingerprint
     mx.random.seed(cfg.seed)   # LoRA's A matrices are initialised from the global MLX generator
     adapter_config = tuner.attach(backbone.model, cfg.kind, cfg.blocks, cfg.rank, cfg.scale, cfg.dropout)
@@ -188,8 +226,8 @@ def train_adapter(backbone, sets: EncodedSets, ckpt, cfg: AdapterArgs) -> Traini
     start = time.perf_counter()
     fit = tuner.fit(backbone.model, sets.train, iters=cfg.iters, batch_size=cfg.batch_size, max_seq=cfg.max_seq,
                     learning_rate=cfg.learning_rate, warmup=cfg.warmup, seed=cfg.seed, ckpt=ckpt,
-                    every=cfg.checkpoint_every)
-    return Training(base_fingerprint, adapter_config, trainable, fit, time.perf_counter() - start,
+                    every=cfg.checkpoint_every, world=world, peer_timeout=cfg.peer_timeout)
+    return Training(base_fingerprint, adapter_config, trainable, fit, world.to_dict(), time.perf_counter() - start,
                     mx.get_peak_memory() / 2**30)
 
 
@@ -240,7 +278,17 @@ def _training_figures(cfg: AdapterArgs, training: Training) -> dict:
             "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None,
             "mlx_peak_memory_gb": round(training.peak_gb, 3),
             "rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "history": hist}
+            "history": hist, "distributed": _distributed_figures(training)}
+
+
+def _distributed_figures(training: Training) -> dict:
+    """World size, backend, each rank's throughput and what one step sends: mlx-lm's
+    average_gradients all-sums every trainable gradient (fp32) once per step; a ring all-reduce
+    sends 2 (n-1)/n of that per rank."""
+    n = training.world["world_size"]
+    grad_bytes = 4 * training.trainable_params
+    return {**training.world, "ranks": training.fit["ranks"], "allreduce_bytes_per_step": grad_bytes,
+            "ring_bytes_sent_per_rank_per_step": int(2 * (n - 1) / n * grad_bytes)}
 
 
 CONFIG = AdapterArgs  # the dataclass `agp run` makes this stage's flags and --config section from
