@@ -121,19 +121,22 @@ class TQIndex:
         return np.concatenate(codes), np.concatenate(scales)
 
     def _quantize(self, z: np.ndarray) -> np.ndarray:
-        """Nearest level index per coordinate (uint8). Up to 16 levels: count the boundaries below
-        each value; more levels: a binary search of each value in its coordinate's boundaries, done
-        as one searchsorted over boundaries shifted by 2*coordinate (they are sorted per coordinate
-        and lie in (-2, 2) for centred unit rows, so the shifted rows never interleave)."""
-        if self._bounds.shape[1] <= 15:
-            idx = np.zeros(z.shape, np.uint8)
-            for t in range(self._bounds.shape[1]):
-                idx += z > self._bounds[:, t]
-            return idx
-        shift = 8.0 * np.arange(self.padded_dim, dtype=np.float64)
-        flat = (self._bounds.astype(np.float64) + shift[:, None]).ravel()
-        pos = np.searchsorted(flat, (z.astype(np.float64) + shift).ravel()).reshape(z.shape)
-        return (pos - (np.arange(self.padded_dim) * self._bounds.shape[1])).astype(np.uint8)
+        """Nearest level index per coordinate (uint8) = the number of boundaries below each value.
+        Up to 16 levels: count them directly. 256 levels: count the 15 boundaries between groups of
+        16 levels (the coarse cell c), then the 15 boundaries inside cell c (30 passes, not 255;
+        a binary search over all boundaries is slower still in NumPy)."""
+        nb = self._bounds.shape[1]
+        if nb <= 15:
+            return _count_below(z, self._bounds)
+        if nb != 255:   # 3 bits pads to <= 15; only 8 bits gets here
+            raise AGPError(f"index codebook has {nb + 1} levels; expected at most 16 or exactly 256")
+        coarse = _count_below(z, self._bounds[:, 15::16])
+        flat = np.concatenate([self._bounds, np.full((self.padded_dim, 1), np.inf, np.float32)], axis=1).ravel()
+        base = (self._offsets + (coarse.astype(np.intp) << 4))
+        fine = np.zeros(z.shape, np.uint8)
+        for t in range(15):
+            fine += z > np.take(flat, base + t)
+        return (coarse << 4) | fine
 
     def _levels(self, idx: np.ndarray) -> np.ndarray:
         return np.take(self._flat_codebook, idx.astype(np.intp) + self._offsets)
@@ -289,6 +292,14 @@ class TQIndex:
         return {"vectors": len(self), "dim": self.dim, "padded_dim": self.padded_dim, "bits": self.bits,
                 "seed": self.seed, "store": self.store, "bytes_per_vector": self.bytes_per_vector,
                 "compression_vs_fp32": round(4 * self.dim / self.bytes_per_vector, 2)}
+
+
+def _count_below(z: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """[N, pd] uint8: how many of each coordinate's boundaries (bounds [pd, t], t <= 15) lie below z."""
+    idx = np.zeros(z.shape, np.uint8)
+    for t in range(bounds.shape[1]):
+        idx += z > bounds[:, t]
+    return idx
 
 
 class _V1Scan:
