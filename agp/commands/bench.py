@@ -11,6 +11,7 @@ TARGETS = {
     "codecs": "agp.bench.codecs",
     "index": "agp.bench.index",
     "ptp-fuzz": "agp.bench.ptp_fuzz",
+    "retrieval": "agp.bench.retrieval",
     "runtime": "agp.bench.runtime",
 }
 
