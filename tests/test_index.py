@@ -224,3 +224,46 @@ def test_cli_build_search_inspect_append(tmp_path, capsys):
     np.save(tmp_path / "bad.npy", np.ones((2, 5), np.float32))
     assert main(["index", "append", ix, str(tmp_path / "bad.npy")]) == 2
     assert "dimension 5, the index has 32" in capsys.readouterr().err
+
+
+def test_8bit_two_level_quantize_matches_binary_search():
+    x = _data(800)
+    idx = TQIndex.build(x, IndexArgs(bits=8))
+    z = idx.rotate(x - idx.mean)
+    brute = np.stack([np.searchsorted(idx._bounds[j], z[:, j]) for j in range(idx.padded_dim)], axis=1)
+    assert np.array_equal(idx._quantize(z), brute)
+
+
+def test_dense_rotation_is_the_hadamard_rotation():
+    x = _data(200, d=48)   # 48 pads to 64: the dense map must keep the padded coordinates
+    idx = TQIndex.build(x, IndexArgs(bits=4))
+    assert np.allclose(idx.rotate(x), idx.rotation.apply(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_sharded_fast_scan_matches_v1_engine(bits):
+    import faiss
+
+    from agp.index import tqindex
+
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        x = _data(2 * tqindex.MIN_SHARD_ROWS + 500, d=64, seed=3)
+        fast = TQIndex.build(x, IndexArgs(bits=bits))
+        v1 = TQIndex.build(x, IndexArgs(bits=bits, scan="v1"))
+        assert len(fast.engine().shards) == 2
+        q = _data(60, d=64, seed=4)
+        one_by_one = np.concatenate([fast.search(q[i:i + 1], 10)[1] for i in range(len(q))])  # threaded shards
+        r_fast = [_recall(one_by_one, x, q), _recall(fast.search(q, 10)[1], x, q)]             # sequential shards
+        r_v1 = _recall(v1.search(q, 10)[1], x, q)
+        assert min(r_fast) >= r_v1 - 0.05 and r_v1 > 0.6, (r_fast, r_v1)
+        # shard ids are global: the candidates of a one-query (threaded) and a batch search agree
+        assert np.array_equal(fast.search(q[:1], 10)[1], fast.search(q[:5], 10)[1][:1])
+    finally:
+        faiss.omp_set_num_threads(old)
+
+
+def test_unknown_scan_is_refused():
+    with pytest.raises(AGPError, match="scan must be one of"):
+        TQIndex.build(_data(100), IndexArgs(scan="gpu"))

@@ -124,13 +124,12 @@ def _turbovec(bits, calibrate):
     return build
 
 
-def _agp(bits, rerank):
+def _agp(bits, rerank, scan="fast"):
     def build(base, seed):
         from agp.index.tqindex import IndexArgs, TQIndex
 
         # fp32 rerank store: fp16 rounding flips near-ties (full table, rerank 100: 0.9795 fp16 vs 0.9808 fp32)
-        idx = TQIndex.build(base, IndexArgs(bits=bits, seed=seed, store="fp32" if rerank else "none"))
-        idx.engine()
+        idx = TQIndex.build(base, IndexArgs(bits=bits, seed=seed, store="fp32" if rerank else "none", scan=scan))
         return (lambda q, k: idx.search(q, k, rerank=rerank)[1]), idx.bytes_per_vector
     return build
 
@@ -147,8 +146,10 @@ METHODS = {
     "turbovec 4b calib": (4, _turbovec(4, True)),
     "turbovec 2b": (2, _turbovec(2, False)),
     "turbovec 2b calib": (2, _turbovec(2, True)),
+    "agp 4b v1": (4, _agp(4, 0, "v1")),
     "agp 4b": (4, _agp(4, 0)),
     "agp 4b rerank100": (4, _agp(4, 100)),
+    "agp 8b v1": (8, _agp(8, 0, "v1")),
     "agp 8b": (8, _agp(8, 0)),
     "agp 8b rerank100": (8, _agp(8, 100)),
     "agp 2b": (2, _agp(2, 0)),

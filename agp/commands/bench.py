@@ -12,6 +12,7 @@ TARGETS = {
     "index": "agp.bench.index",
     "oracle": "agp.bench.oracle",
     "ptp-fuzz": "agp.bench.ptp_fuzz",
+    "retrieval": "agp.bench.retrieval",
     "runtime": "agp.bench.runtime",
 }
 

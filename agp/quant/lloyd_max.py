@@ -56,10 +56,13 @@ def _lloyd_weighted(x: np.ndarray, w: np.ndarray, levels: int, iters: int, tol: 
     g = np.cbrt(w) if compand else w
     cdf = np.cumsum(g) / g.sum()
     c = np.interp((np.arange(levels) + 0.5) / levels, cdf, x)
+    # x is sorted, so each cell is a slice: locate the K - 1 midpoints in x (K log N) and sum
+    # cells from prefix sums, instead of a binary search of every sample (N log K) per iteration
+    cw = np.concatenate([[0.0], np.cumsum(w)])
+    cwx = np.concatenate([[0.0], np.cumsum(w * x)])
     for _ in range(iters):
-        cell = np.searchsorted((c[1:] + c[:-1]) / 2, x)
-        wsum = np.bincount(cell, weights=w, minlength=levels)
-        xsum = np.bincount(cell, weights=w * x, minlength=levels)
+        edge = np.concatenate([[0], np.searchsorted(x, (c[1:] + c[:-1]) / 2, side="right"), [len(x)]])
+        wsum, xsum = np.diff(cw[edge]), np.diff(cwx[edge])
         new = np.where(wsum > 0, xsum / np.maximum(wsum, 1e-300), c)
         new.sort()
         done = np.max(np.abs(new - c)) < tol * (x[-1] - x[0] + 1e-30)
