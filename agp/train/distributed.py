@@ -178,10 +178,13 @@ class PeerWatch:
             self._old_term = signal.signal(signal.SIGTERM, self._on_term)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self._stop.set()
         if self._old_term is not None:
-            signal.signal(signal.SIGTERM, self._old_term)
+            # a rank leaving with an error is ending anyway: the launcher's SIGTERM (sent as soon as a
+            # peer exits) must not kill it before its one line is printed (seen on a quiet machine)
+            ending = exc_type is not None and issubclass(exc_type, Exception)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if ending else self._old_term)
         return False
 
     def kick(self, phase: str) -> None:
