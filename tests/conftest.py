@@ -13,3 +13,25 @@ def tiny_model_dir(tmp_path_factory):
     """arch -> path of a tiny random mlx-lm model directory."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {arch: str(make_tiny_model(arch, root / arch)) for arch in ARCHS}
+
+
+# The tiny-model flags that keep each stage a few seconds long (integration tests through the CLI).
+TINY_STAGE_FLAGS = {
+    "baseline": ["--baseline-prompts", "2", "--baseline-decode-tokens", "2"],
+    "controller": ["--controller-prompts", "16", "--controller-steps", "40"],
+    "runtime": ["--runtime-exit-layers", "2,3", "--runtime-prompts", "6", "--runtime-bench-prompts", "1",
+                "--runtime-new-tokens", "6", "--runtime-long-prompt-tokens", "300", "--runtime-head-steps", "5",
+                "--runtime-vocabs", "128"],
+    "depth": ["--depth-prompts", "6", "--depth-heldout-prompts", "3", "--depth-module-steps", "20"],
+}
+
+
+def run_tiny_stages(root, model: str, stages, extra: dict | None = None):
+    """Run `stages` in order through `agp run --stage` on a tiny model under `root`; `extra` maps a
+    stage to flags appended to (and so overriding) its tiny defaults. Returns the run."""
+    from agp.cli import main
+    from agp.runs import Run
+    for stage in stages:
+        flags = TINY_STAGE_FLAGS.get(stage, []) + (extra or {}).get(stage, [])
+        assert main(["run", "--stage", stage, "--runs", str(root), "--model", model, "--no-gates", *flags]) == 0, stage
+    return Run((root / "latest").resolve())

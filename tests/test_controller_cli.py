@@ -8,17 +8,14 @@ import pytest
 from agp.cli import main
 from agp.io import sha256_file, write_json
 from agp.runs import Run
+from tests.conftest import run_tiny_stages
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     model = tiny_model_dir["gemma3_text"]
-    assert main(["run", "--stage", "baseline", "--runs", str(root), "--model", model, "--no-gates",
-                 "--baseline-prompts", "2", "--baseline-decode-tokens", "2"]) == 0
-    assert main(["run", "--stage", "controller", "--runs", str(root), "--model", model, "--no-gates",
-                 "--controller-prompts", "16", "--controller-steps", "40"]) == 0
-    return Run((root / "latest").resolve()), root, model
+    return run_tiny_stages(root, model, ["baseline", "controller"]), root, model
 
 
 def test_controller_stage_writes_everything(tiny_run):

@@ -12,24 +12,14 @@ import pytest
 
 from agp.cli import main
 from agp.errors import AGPError
-from agp.runs import Run
+from tests.conftest import run_tiny_stages
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     model = tiny_model_dir["gemma3_text"]
-    assert main(["run", "--stage", "baseline", "--runs", str(root), "--model", model, "--no-gates",
-                 "--baseline-prompts", "2", "--baseline-decode-tokens", "2"]) == 0
-    assert main(["run", "--stage", "controller", "--runs", str(root), "--model", model, "--no-gates",
-                 "--controller-prompts", "16", "--controller-steps", "40"]) == 0
-    assert main(["run", "--stage", "runtime", "--runs", str(root), "--model", model, "--no-gates",
-                 "--runtime-exit-layers", "2,3", "--runtime-prompts", "6", "--runtime-bench-prompts", "1",
-                 "--runtime-new-tokens", "4", "--runtime-long-prompt-tokens", "300", "--runtime-head-steps", "5",
-                 "--runtime-vocabs", "128"]) == 0
-    assert main(["run", "--stage", "depth", "--runs", str(root), "--model", model, "--no-gates",
-                 "--depth-prompts", "6", "--depth-heldout-prompts", "3", "--depth-module-steps", "20"]) == 0
-    return Run((root / "latest").resolve()), model
+    return run_tiny_stages(root, model, ["baseline", "controller", "runtime", "depth"], {"runtime": ["--runtime-new-tokens", "4"]}), model
 
 
 def test_depth_stage_writes_modules_ablation_and_revive(tiny_run):

@@ -172,6 +172,49 @@ def test_entropy_mode_catches_up_skipped_layers_exactly(long_tiny, threshold):
     assert g.decoder.catchup_tokens > 0
 
 
+def test_state_propagation_writes_the_kv_each_layer_computes_from_the_exited_state(long_tiny):
+    """fill_kv over [a, b) writes, in every layer, exactly the K/V that layer itself writes when its
+    input is the exited state (only the input is approximate), past the 8-token window."""
+    bb = long_tiny
+    ids = bb.encode("for i in range(3):\n    print(i)\n" * 4)[:40]
+    caches = []
+    for _ in range(2):
+        cache = bb.make_cache()
+        bb.forward(mx.array([ids[:-1]]), cache)
+        caches.append(cache)
+    _, got = bb.capture(mx.array([ids[-1:]]), [2], bb.make_cache())
+    h = got[2]
+    for i in range(2, bb.n_layers):
+        bb.run_layers(h, i, i + 1, caches[0])
+    bb.fill_kv(h, 2, bb.n_layers, caches[1])
+    for i in range(bb.n_layers):
+        ran, filled = [(c[i].keys, c[i].values) for c in caches]
+        assert caches[0][i].offset == caches[1][i].offset == len(ids) - (i < 2)
+        for x, y in zip(ran, filled):
+            assert mx.allclose(x, y, atol=1e-6).item(), f"layer {i}"
+
+
+def test_propagate_fills_every_skipped_layer_and_saves_their_macs(long_tiny):
+    bb = long_tiny
+    heads = all_vocab_heads(bb, 3)
+    ids = bb.encode("for i in range(3):\n    print(i)\n" * 12)[:300]
+    runs = {}
+    for kv in ("catchup", "propagate"):
+        g = Generator(bb, "entropy", heads, GenerateArgs(max_new_tokens=30, entropy_threshold=0.12, skipped_kv=kv))
+        evs = list(g.generate(ids))
+        runs[kv] = (evs, g.summary.to_dict(), g.decoder)
+    evs, summ, dec = runs["propagate"]
+    assert summ["mode"] == "entropy+propagate" and dec.catchup_tokens == 0
+    assert "exit" in [e.action for e in evs] and "full" in [e.action for e in evs]
+    # no stale or missing KV: every layer holds every position but the pending one
+    assert {c.offset for c in dec.cache} == {len(ids) + len(evs) - 1}
+    assert summ["mac_ratio_vs_full"] < runs["catchup"][1]["mac_ratio_vs_full"]
+    never = Generator(bb, "entropy", heads, GenerateArgs(max_new_tokens=12, entropy_threshold=1.01, skipped_kv="propagate"))
+    assert [e.token for e in never.generate(ids)] == ours(bb, ids, 12)[0]
+    with pytest.raises(AGPError, match="--skipped-kv must be one of"):
+        Generator(bb, "entropy", heads, GenerateArgs(skipped_kv="stale"))
+
+
 def test_entropy_extremes_equal_full_and_exit(long_tiny):
     bb = long_tiny
     heads = all_vocab_heads(bb, 4)

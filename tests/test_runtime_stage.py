@@ -9,22 +9,14 @@ import mlx.core as mx
 import pytest
 
 from agp.cli import main
-from agp.runs import Run
+from tests.conftest import run_tiny_stages
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     model = tiny_model_dir["gemma3_text"]
-    assert main(["run", "--stage", "baseline", "--runs", str(root), "--model", model, "--no-gates",
-                 "--baseline-prompts", "2", "--baseline-decode-tokens", "2"]) == 0
-    assert main(["run", "--stage", "controller", "--runs", str(root), "--model", model, "--no-gates",
-                 "--controller-prompts", "16", "--controller-steps", "40"]) == 0
-    assert main(["run", "--stage", "runtime", "--runs", str(root), "--model", model, "--no-gates",
-                 "--runtime-exit-layers", "2,3", "--runtime-prompts", "6", "--runtime-bench-prompts", "1",
-                 "--runtime-new-tokens", "6", "--runtime-long-prompt-tokens", "300", "--runtime-head-steps", "5",
-                 "--runtime-vocabs", "128"]) == 0
-    return Run((root / "latest").resolve()), root, model
+    return run_tiny_stages(root, model, ["baseline", "controller", "runtime"]), root, model
 
 
 def test_runtime_stage_writes_heads_bench_and_report(tiny_run):

@@ -112,6 +112,10 @@ class Backbone:
             ctx = _mask_only_pass(self.model, h, cache)
         return ctx.run(h, a, b)
 
+    def fill_kv(self, h: mx.array, a: int, b: int, cache) -> None:
+        """Fill layers [a, b)'s KV from the exited state `h` (CALM state propagation; Gemma 3)."""
+        segments.fill_kv(self.model, h, a, b, cache)
+
     def head(self, h: mx.array) -> mx.array:
         """Final norm + LM head."""
         return segments.head(self.model, h)

@@ -67,6 +67,26 @@ class Pass:
         return h
 
 
+def fill_kv(model, h: mx.array, a: int, b: int, cache) -> None:
+    """CALM-style state propagation (Gemma 3): write into the caches of layers [a, b) the keys and
+    values each layer would compute if its input were `h`, the state a token exited with, without
+    running attention or the MLP. The K/V path is the layer's own (input norm, k/v projections,
+    k-norm, RoPE at the cache's offset), so only the input is approximate."""
+    if model.model_type != "gemma3_text":
+        raise AGPError(f"state propagation supports gemma3_text only (this model is {model.model_type})")
+    layers = model.model.layers
+    if not 0 <= a <= b <= len(layers):
+        raise AGPError(f"layer segment [{a}, {b}) is outside the model's 0..{len(layers)} layers")
+    batch, length, _ = h.shape
+    for i in range(a, b):
+        att = layers[i].self_attn
+        x = layers[i].input_layernorm(h)
+        keys = att.k_proj(x).reshape(batch, length, att.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        values = att.v_proj(x).reshape(batch, length, att.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        keys = att.rope(att.k_norm(keys), offset=cache[i].offset)
+        cache[i].update_and_fetch(keys, values)
+
+
 def embed(model, tokens: mx.array) -> mx.array:
     """Gemma 3's scaled input embedding of `tokens` (the state before layer 0)."""
     inner = model.model

@@ -37,12 +37,12 @@ def main(args) -> int:
         return 0
     names = ", ".join(f"{p['name']}={p['tokens']}" for p in bench.prompts)
     print(f"prompts: {names}; {args.new_tokens} new tokens")
-    print(f"{'mode':<18}{'tok/s x mlx-lm':>15}{'  per prompt':<48}{'MACs x full':>13}{'reads x full':>14}"
+    print(f"{'mode':<26}{'tok/s x mlx-lm':>15}{'  per prompt':<48}{'MACs x full':>13}{'reads x full':>14}"
           f"{'agree':>8}{'accept':>8}{'tok/round':>10}")
     f = lambda x, s="{:.3f}": "-" if x is None else s.format(x)  # noqa: E731
     for r in bench.table:
         per = " ".join(f"{v:.2f}" for v in r["tok_s_ratio_per_prompt"].values())
-        print(f"{r['mode']:<18}{r['tok_s_ratio_vs_mlx_lm']:>15.2f}{'  ' + per:<48}{f(r['mac_ratio_vs_full']):>13}"
+        print(f"{r['mode']:<26}{r['tok_s_ratio_vs_mlx_lm']:>15.2f}{'  ' + per:<48}{f(r['mac_ratio_vs_full']):>13}"
               f"{f(r['read_ratio_vs_full']):>14}{r['agreement_vs_full']:>8.3f}{f(r['acceptance'], '{:.2f}'):>8}"
               f"{f(r['tokens_per_round'], '{:.2f}'):>10}")
     spec = next((r for r in bench.table if r["mode"] == "speculative"), None)

@@ -26,6 +26,10 @@ def add_parser(sub):
     p.add_argument("--draft-max", type=int, default=None, metavar="K", help="speculative: most drafts per round")
     p.add_argument("--threshold", type=float, default=None,
                    help="speculative: draft confidence stop; entropy: exit confidence threshold")
+    p.add_argument("--skipped-kv", choices=("catchup", "propagate"), default="catchup",
+                   help="entropy/routed: KV of the layers an exited token skipped — catchup (run them later, "
+                        "batched with the next deeper token; exact for the exited state) or propagate (CALM: "
+                        "fill only their K/V from the exited state now; saves their MACs, approximate KV)")
     p.add_argument("--json", action="store_true", help="print the events and the summary as JSON lines instead of text")
     p.set_defaults(func=main)
 
@@ -49,7 +53,7 @@ def main(args) -> int:
     from agp.runtime import GenerateArgs, Generator
     from agp.runtime.session import open_generator
 
-    ga = GenerateArgs(max_new_tokens=args.max_new_tokens)
+    ga = GenerateArgs(max_new_tokens=args.max_new_tokens, skipped_kv=args.skipped_kv)
     if args.draft_max is not None:
         ga.draft_max = args.draft_max
     if args.threshold is not None:

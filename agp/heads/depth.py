@@ -26,13 +26,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
 from agp import io
 from agp.config import ConfigMixin
 from agp.errors import AGPError
+from agp.heads.fit import fit_minibatches
 
 FILE, META = "depth_module.safetensors", "depth_module.json"
 
@@ -204,7 +204,6 @@ def distill(module: DepthModule, decoder: Decoder, states: dict, final: np.ndarr
             progress=None) -> dict:
     """Minimise KL(teacher on the decoder's rows || decoder(module(states))) over the positions
     given (+ hidden_weight x (1 - cosine to the final state)); the backbone stays frozen."""
-    n = len(final)
     Z = module.stack(states)
     X = mx.array(states[module.layer]).astype(mx.float32)
     Y = mx.array(final).astype(mx.float32)
@@ -222,22 +221,8 @@ def distill(module: DepthModule, decoder: Decoder, states: dict, final: np.ndarr
         return loss
 
     params = module.params
-    opt = optim.AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
-    step = nn.value_and_grad(params, lambda z, x, t, y: loss_fn(params, z, x, t, y))
-    rng = np.random.default_rng(args.seed)
-    hist = []
-    for i in range(1, args.steps + 1):
-        idx = mx.array(rng.choice(n, size=min(args.batch, n), replace=False))
-        loss, grads = step(Z[idx], X[idx], T[idx], Y[idx])
-        opt.update(params, grads)
-        mx.eval(params.parameters(), opt.state, loss)
-        if not np.isfinite(loss.item()):
-            raise AGPError(f"depth-module distillation diverged at step {i} (loss {loss.item()}); "
-                           f"lower --depth-module-lr")
-        if progress is not None:
-            progress.update(1)
-        if i == 1 or i % 50 == 0 or i == args.steps:
-            hist.append({"step": i, "loss": float(loss.item())})
+    hist = fit_minibatches(params, lambda z, x, t, y: loss_fn(params, z, x, t, y), (Z, X, T, Y), args,
+                           "depth-module distillation", "lower --depth-module-lr", progress)
     module.params = params
     return {"history": hist}
 

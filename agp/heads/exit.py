@@ -18,13 +18,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
 from agp import io
 from agp.config import ConfigMixin
 from agp.errors import AGPError
+from agp.heads.fit import fit_minibatches
 
 
 @dataclass
@@ -176,7 +176,6 @@ def distill(head, h_e: np.ndarray, h_final: np.ndarray, args: ExitHeadArgs, prog
     any shortlist head (`logits(x)`, `teacher_logits(y)`, `params`); one with `aux_loss(x, y)`
     (the feature draft head's state regression) has it added."""
     mx.random.seed(args.seed)
-    n = len(h_e)
     X, Y = mx.array(h_e.astype(np.float32)), mx.array(h_final.astype(np.float32))
 
     def loss_fn(params, x, y):
@@ -189,21 +188,8 @@ def distill(head, h_e: np.ndarray, h_final: np.ndarray, args: ExitHeadArgs, prog
         return kl + head.aux_loss(x, y) if hasattr(head, "aux_loss") else kl
 
     params = head.params
-    opt = optim.AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
-    step = nn.value_and_grad(params, lambda x, y: loss_fn(params, x, y))
-    rng = np.random.default_rng(args.seed)
-    hist = []
-    for i in range(1, args.steps + 1):
-        idx = mx.array(rng.choice(n, size=min(args.batch, n), replace=False))
-        loss, grads = step(X[idx], Y[idx])
-        opt.update(params, grads)
-        mx.eval(params.parameters(), opt.state, loss)
-        if not np.isfinite(loss.item()):
-            raise AGPError(f"shortlist-head distillation diverged at step {i} (loss {loss.item()}); lower the lr")
-        if progress is not None:
-            progress.update(1)
-        if i == 1 or i % 50 == 0 or i == args.steps:
-            hist.append({"step": i, "kl": float(loss.item())})
+    hist = fit_minibatches(params, lambda x, y: loss_fn(params, x, y), (X, Y), args,
+                           "shortlist-head distillation", "lower the lr", progress, key="kl")
     head.params = params
     return {"history": hist}
 
@@ -238,18 +224,24 @@ def evaluate(head: ExitHead, h_e: np.ndarray, h_final: np.ndarray, top1: np.ndar
             "coverage": float(np.isin(top1, head.ids_np).mean()), "positions": int(len(h_e))}
 
 
+def shortlist_top1(head, h: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """A shortlist head's top-1 probability and token (a vocabulary id) at every row of `h`."""
+    p1, tok = [], []
+    for a in range(0, len(h), batch):
+        z = head.logits(mx.array(h[a:a + batch]))
+        p = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
+        t = head.ids[mx.argmax(z, axis=-1)]
+        mx.eval(p, t)
+        p1.append(np.asarray(p))
+        tok.append(np.asarray(t))
+    return np.concatenate(p1), np.concatenate(tok)
+
+
 def confidence_curve(head: ExitHead, h_e: np.ndarray, top1: np.ndarray, taus, batch: int = 256) -> list[dict]:
     """For each threshold tau: the share of positions whose shortlist top-1 probability is >= tau,
     and the top-1 agreement with full depth among them (what a confidence-gated draft can expect)."""
-    p1, agree = [], []
-    for a in range(0, len(h_e), batch):
-        z = head.logits(mx.array(h_e[a:a + batch]))
-        p = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
-        tok = head.ids[mx.argmax(z, axis=-1)]
-        mx.eval(p, tok)
-        p1.append(np.asarray(p))
-        agree.append(np.asarray(tok) == top1[a:a + batch])
-    p1, agree = np.concatenate(p1), np.concatenate(agree)
+    p1, tok = shortlist_top1(head, h_e, batch)
+    agree = tok == top1
     out = []
     for t in taus:
         m = p1 >= t

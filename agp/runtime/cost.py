@@ -36,6 +36,9 @@ class CostModel:
         self.window = [window if getattr(layer.self_attn, "is_sliding", False) else None
                        for layer in bb.model.model.layers]
         self.head_macs = bb.head_macs()
+        # (Gemma 4's shared-KV layers have no k/v projections of their own)
+        self.kv_weights = [sum(int(linear_macs(layer.self_attn[name])) for name in ("k_proj", "v_proj")
+                               if name in layer.self_attn) for layer in bb.model.model.layers]
 
     def layers(self, a: int, b: int, context: int, tokens: int = 1) -> Cost:
         """Layers [a, b) for `tokens` positions ending at `context` keys (one pass)."""
@@ -46,6 +49,10 @@ class CostModel:
                 span = min(ctx, self.window[i]) if self.window[i] else ctx
                 macs += self.base[i] + self.att[i] * span
         return Cost(macs, sum(self.weights[a:b]))
+
+    def kv_fill(self, a: int, b: int, tokens: int = 1) -> Cost:
+        """State propagation over layers [a, b): only their k/v projections run."""
+        return Cost(sum(self.kv_weights[a:b]) * tokens, sum(self.kv_weights[a:b]))
 
     def head(self, tokens: int = 1) -> Cost:
         return Cost(self.head_macs * tokens, self.head_macs)

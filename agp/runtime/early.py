@@ -6,9 +6,10 @@ its position uncomputed. AGP never lets that KV go stale or missing: it keeps th
 token's hidden state at that boundary and runs it through the skipped segments later, in one
 batch with the next token that goes deeper (deferred catch-up). The caught-up KV is exactly
 what those layers compute from the exited state; the MACs are counted when they are spent.
-(CALM-style state propagation, filling only K/V from the exited state, is cheaper but
-approximate; this runtime measures catch-up.) `exit:L` never runs past L, so it has nothing
-to catch up.
+With `skipped_kv="propagate"` (CALM's state propagation) the stopped token's state instead
+fills only the K/V of every skipped layer at once (their k/v projections; no attention, no MLP):
+the layer MACs are saved, and the deeper KV becomes approximate. `exit:L` never runs past L, so
+it has nothing to catch up.
 
 Per mode, what decides:
   exit:L     always the exit head at L.
@@ -29,6 +30,8 @@ from agp.errors import AGPError
 from agp.runtime.cost import Cost
 from agp.runtime.full import Round, greedy, prefill
 
+SKIPPED_KV = ("catchup", "propagate")
+
 
 class EarlyExitDecoder:
     def __init__(self, bb, costs, heads, args, mode: str | None = None):
@@ -39,6 +42,9 @@ class EarlyExitDecoder:
         self.mode = mode or args.mode
         if heads is None:
             raise AGPError(f"mode {self.mode} needs the exit heads from the runtime stage; run `agp run --stage runtime`")
+        if args.skipped_kv not in SKIPPED_KV:
+            raise AGPError(f"--skipped-kv must be one of {', '.join(SKIPPED_KV)}, got '{args.skipped_kv}'")
+        self.propagate = args.skipped_kv == "propagate"
         if self.mode.startswith("exit:"):
             try:
                 layer = int(self.mode.split(":", 1)[1])
@@ -55,7 +61,7 @@ class EarlyExitDecoder:
             self._init_routed(heads)
         else:
             raise AGPError(f"unknown early-exit mode '{self.mode}'")
-        self.name = self.mode
+        self.name = self.mode + ("+propagate" if self.propagate and len(self.bounds) > 2 else "")
 
     def _init_routed(self, heads) -> None:
         if heads.controller is None:
@@ -109,9 +115,15 @@ class EarlyExitDecoder:
             h = out[:, -1:]
         return h, cost
 
-    def stop_at(self, h, boundary: int) -> None:
-        if boundary < self.L and boundary in self.lag and len(self.bounds) > 2:
-            self.lag[boundary].append(h)
+    def stop_at(self, h, boundary: int) -> Cost:
+        """The token stopped at `boundary`: queue its state for catch-up, or propagate it now."""
+        if not (boundary < self.L and boundary in self.lag and len(self.bounds) > 2):
+            return Cost()
+        if self.propagate:
+            self.bb.fill_kv(h, boundary, self.L, self.cache)
+            return self.costs.kv_fill(boundary, self.L)
+        self.lag[boundary].append(h)
+        return Cost()
 
     # --- emit -------------------------------------------------------------------------------
     def exit_token(self, head, h):
@@ -139,7 +151,7 @@ class EarlyExitDecoder:
                 t, c3 = self.full_token(h)
                 c, action, layers = c + c2 + c3, "full", self.L
             else:
-                self.stop_at(h, self.bounds[1])
+                c = c + self.stop_at(h, self.bounds[1])
         else:
             t, action, layers, c = self.routed(h, got)
         self.pending, self.context = t, self.context + 1
@@ -156,17 +168,15 @@ class EarlyExitDecoder:
         cost = Cost(self.ctl.macs(), self.ctl.macs())
         if action == "accept_local":
             t, _, c = self.exit_token(self.accept_head, h)
-            self.stop_at(h, self.D)
-            return t, action, self.D, cost + c
+            return t, action, self.D, cost + c + self.stop_at(h, self.D)
         if action == "continue_local":
             h, c2 = self.deeper(h, self.D, self.B)
             t, _, c = self.exit_token(self.late_head, h)
-            self.stop_at(h, self.B)
-            return t, action, self.B, cost + c2 + c
+            return t, action, self.B, cost + c2 + c + self.stop_at(h, self.B)
         if action == "revive_local" and self.reviver is not None:
             t, _, c = self.reviver.token(got)
-            self.stop_at(h, self.D)          # the plain state catches up the deeper KV later
-            return t, action, self.D, cost + c
+            # the plain state at D (not the revived one) stands in for the deeper layers' KV
+            return t, action, self.D, cost + c + self.stop_at(h, self.D)
         # escalate, and revive_local without a depth stage (full local depth)
         h, c2 = self.revive(h) if action == "revive_local" else self.deeper(h, self.D, self.L)
         t, c3 = self.full_token(h)

@@ -26,6 +26,11 @@ class GenerateArgs(ConfigMixin):
     draft_min_confidence: float = 0.3   # speculative: stop drafting below this shortlist top-1 probability
     entropy_threshold: float = 0.9  # entropy mode: exit when the exit head's top-1 probability is at least this
     routed_gate: float | None = None  # routed: abstain (escalate) below this confidence; None = calibrated gate
+    # entropy/routed: the KV of layers an exited token skipped. "catchup" runs the exited state
+    # through them later, batched with the next deeper token (exact for that state, pays the layer
+    # MACs); "propagate" fills only their K/V from the exited state at once (CALM: saves the MACs,
+    # approximate KV).
+    skipped_kv: str = "catchup"
     stop_at_eos: bool = True
     mode: str = "full"             # set by Generator
 

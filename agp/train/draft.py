@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from agp.heads.exit import shortlist_top1
+
 # Verifying one more position costs ~0.15 of a plain step on these machines (DESIGN.md: one
 # forward of 1 token 98 ms, of 5 tokens 157 ms), on top of the draft's own weight reads.
 VERIFY_POSITION_COST = 0.15
@@ -52,15 +54,8 @@ def shift_chains(conf: np.ndarray, ok: np.ndarray, runs, depth: int) -> tuple[np
 
 def exit_chains(head, h_e: np.ndarray, top1: np.ndarray, runs, depth: int, batch: int = 512):
     """The exit head's chains on valid positions (states after E blocks, `runs` of consecutive rows)."""
-    conf, ok = [], []
-    for a in range(0, len(h_e), batch):
-        z = head.logits(mx.array(h_e[a:a + batch]))
-        p = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
-        tok = head.ids[mx.argmax(z, axis=-1)]
-        mx.eval(p, tok)
-        conf.append(np.asarray(p))
-        ok.append(np.asarray(tok) == top1[a:a + batch])
-    return shift_chains(np.concatenate(conf), np.concatenate(ok), runs, depth)
+    conf, tok = shortlist_top1(head, h_e, batch)
+    return shift_chains(conf, tok == top1, runs, depth)
 
 
 @dataclass

@@ -69,6 +69,7 @@ class RuntimeArgs(ConfigMixin):
     draft_min_confidence: float = 0.3  # lowest draft gate the cost model considers
     entropy_thresholds: list = field(default_factory=lambda: [0.5, 0.8])  # CALM softmax-confidence exits swept
     routed_gates: list = field(default_factory=lambda: [0.6])   # abstain gates swept besides the calibrated one
+    skipped_kv: list = field(default_factory=lambda: ["catchup", "propagate"])  # entropy/routed KV strategies benchmarked
     late_boundary: int | None = None  # routed: continue_local exits here (None: n - 3, after D)
     seed: int = 0                     # head initialisation and batch order
 
@@ -365,11 +366,13 @@ def bench_prompts(bb, rows: dict, cfg: RuntimeArgs) -> list[tuple[str, list[int]
 
 
 def lossy_modes(heads, cfg: RuntimeArgs) -> list[tuple[str, dict]]:
+    """exit:L at every head, then entropy and routed along their sweeps under each skipped-KV strategy."""
     modes = [(f"exit:{E}", {}) for E in sorted(heads.exits)]
-    modes += [("entropy", {"entropy_threshold": t}) for t in cfg.entropy_thresholds]
-    if heads.controller is not None:
-        modes.append(("routed", {}))
-        modes += [("routed", {"routed_gate": g}) for g in cfg.routed_gates]
+    for kv in cfg.skipped_kv:
+        modes += [("entropy", {"entropy_threshold": t, "skipped_kv": kv}) for t in cfg.entropy_thresholds]
+        if heads.controller is not None:
+            modes.append(("routed", {"skipped_kv": kv}))
+            modes += [("routed", {"routed_gate": g, "skipped_kv": kv}) for g in cfg.routed_gates]
     return modes
 
 
@@ -415,11 +418,12 @@ def benchmark(bb, heads, prompts, cfg: RuntimeArgs) -> Bench:
 
 
 def _label(mode: str, kw: dict) -> str:
+    kv = "+propagate" if kw.get("skipped_kv") == "propagate" else ""
     if mode == "entropy":
-        return f"entropy@{kw['entropy_threshold']:g}"
+        return f"entropy{kv}@{kw['entropy_threshold']:g}"
     if mode == "routed" and kw.get("routed_gate") is not None:
-        return f"routed@gate{kw['routed_gate']:g}"
-    return mode
+        return f"routed{kv}@gate{kw['routed_gate']:g}"
+    return mode + kv
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -506,18 +510,14 @@ def teacher_forced_frontier(bb, heads, states: States, costs, cfg: RuntimeArgs) 
     forced: every position sees the true prefix), for exit:L, entropy along a threshold sweep and
     routed along an abstain-gate sweep. MACs follow the runtime's accounting: exit:L stops at L;
     entropy and routed pay every layer (catch-up) and save on the head."""
-    from agp.heads.exit import full_top1
+    from agp.heads.exit import full_top1, shortlist_top1
     L, ctx = bb.n_layers, cfg.max_tokens
     top1 = full_top1(bb, states.hidden[L])
     full = costs.full_token(ctx).macs
     layers_all = costs.layers(0, L, ctx).macs
     exit_tok, exit_p1 = {}, {}
     for E, head in heads.exits.items():
-        z = head.logits(mx.array(states.hidden[E]))
-        p = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
-        t = head.ids[mx.argmax(z, axis=-1)]
-        mx.eval(p, t)
-        exit_tok[E], exit_p1[E] = np.asarray(t), np.asarray(p)
+        exit_p1[E], exit_tok[E] = shortlist_top1(head, states.hidden[E])
     pts = [{"method": "full", "param": None, "top1": 1.0, "mac_ratio": 1.0}]
     for E, head in sorted(heads.exits.items()):
         pts.append({"method": "exit:L", "param": E, "top1": float((exit_tok[E] == top1).mean()),
