@@ -15,7 +15,7 @@ except KeyboardInterrupt:  # Ctrl-C while the first imports run: nothing has sta
     sys.exit(130)
 
 # Each module defines `add_parser(subparsers)` which sets `func` on its parser.
-COMMANDS = ["run", "bench", "eval", "model", "data", "index", "generate"]
+COMMANDS = ["run", "bench", "eval", "model", "data", "index", "generate", "export"]
 
 
 class ArgumentParser(argparse.ArgumentParser):

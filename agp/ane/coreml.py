@@ -1,0 +1,303 @@
+"""Core ML export of the shallow heads, built with coremltools' MIL builder from the MLX weights.
+
+Layout (Apple's recommendation for the Neural Engine, as in ml-ane-transformers): every tensor is
+channels-first `(1, C, 1, S)` — S positions decided at once, S fixed at export — and every linear
+map is a 1x1 convolution. An MLX `nn.Linear` weight `[out, in]` becomes the conv weight
+`[out, in, 1, 1]`; a matrix applied as `x @ W` (`W [in, out]`) becomes `W.T[:, :, None, None]`.
+Weights are stored fp16 and the program computes in fp16 (`compute_precision`), as the NE does.
+Two constants are stored folded, because coremltools' passes would fold them anyway and the
+weight-parity check compares what is stored: the controller's standardisation as `mean` and
+`inv_std = 1 / std` (a multiply, not a divide), and Gemma's RMSNorm gain as `norm_gain = 1 + w`.
+
+Modules exported:
+  controller   x (1, n_in, 1, S) -> route / vitality / earliest logits (1, K, 1, S)
+               (x - mean) / std, conv + exact GELU trunk, one conv per task
+  exit_L<E>    x (1, H, 1, S) -> logits (1, V, 1, S), top1 (1, 1, S) index into the shortlist,
+               p1 (1, 1, S) its probability; residual translator, Gemma RMSNorm, shortlist rows
+
+Gemma's hidden states reach |h| ~ 1e3, whose square overflows fp16 (max 65504): the RMSNorm
+squares h / 256 instead (the same norm in exact arithmetic; eps scaled to match, and it
+underflows to 0 in fp16, which changes nothing measurable next to Gemma's state norms).
+
+Each package is written atomically (built beside its final path, then renamed) and carries
+its provenance in the model's user metadata: `agp.module`, `agp.source_sha256` (sha256 of the
+MLX weight files it was made from) and `agp.positions`. `read_back` loads a saved package's
+MIL program (no Core ML runtime needed, so it works on Linux); `evaluate` runs that program's
+ops in numpy (fp32 arithmetic on the stored fp16 weights) — the wiring check every platform
+can do. Core ML's own numerics (and the Neural Engine) need macOS: `predict`.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agp import io
+from agp.errors import AGPError
+
+RMS_PRESCALE = 256.0      # power of two: exact in fp16; see the module docstring
+PACKAGE_VERSION = 1
+
+
+def _coremltools():
+    try:
+        # coremltools warns once per missing macOS-only proxy on import; those are expected off macOS
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
+        import coremltools as ct
+        from coremltools.converters.mil import Builder as mb
+        from coremltools.converters.mil.mil import types
+    except ImportError as e:
+        raise AGPError(f"Core ML export needs coremltools ({e}); install it with `./install.sh --dev` "
+                       f"or `.venv/bin/pip install coremltools`") from None
+    return ct, mb, types
+
+
+def linear_as_conv(weight_out_in: np.ndarray) -> np.ndarray:
+    """An `nn.Linear` weight [out, in] as a 1x1 conv weight [out, in, 1, 1] in fp16."""
+    w = np.asarray(weight_out_in)
+    if w.ndim != 2:
+        raise AGPError(f"a linear weight must be 2-D, got shape {w.shape}")
+    return w.astype(np.float16)[:, :, None, None]
+
+
+def channels(vector: np.ndarray) -> np.ndarray:
+    """A per-channel vector [C] as a (1, C, 1, 1) fp16 constant that broadcasts over (1, C, 1, S)."""
+    return np.asarray(vector).astype(np.float16).reshape(1, -1, 1, 1)
+
+
+@dataclass
+class ModuleSpec:
+    """One module to export: its name, inputs {name: channels}, and the MLX weights it reads,
+    each as (name in the package, array in the package's layout) for the weight-parity check."""
+    name: str
+    inputs: dict
+    outputs: list
+    weights: dict = field(default_factory=dict)     # const name -> fp16 array as stored
+    source_sha256: str = ""
+    build: object = None                             # callable(mb, inputs dict) -> outputs dict
+
+
+# --- the modules ----------------------------------------------------------------------------------
+def controller_spec(ctl, source_sha256: str) -> ModuleSpec:
+    """The stage-2 controller (agp.heads.controller.Controller)."""
+    from mlx.utils import tree_flatten
+    p = {k: np.asarray(v) for k, v in tree_flatten(ctl.model.parameters())}
+    tasks = list(ctl.n_out)
+    inv_std = 1.0 / np.asarray(ctl.std, np.float32)
+    if not np.isfinite(inv_std.astype(np.float16)).all():
+        raise AGPError("a controller feature's standard deviation is below fp16's range (1/std > 65504); "
+                       "it cannot run on the Neural Engine: retrain the controller on more varied positions")
+    w = {"mean": channels(ctl.mean), "inv_std": channels(inv_std),
+         "trunk_w": linear_as_conv(p["trunk.layers.0.weight"]), "trunk_b": p["trunk.layers.0.bias"].astype(np.float16)}
+    for t in tasks:
+        w[f"{t}_w"] = linear_as_conv(p[f"heads.{t}.weight"])
+        w[f"{t}_b"] = p[f"heads.{t}.bias"].astype(np.float16)
+
+    def build(mb, x):
+        z = mb.mul(x=mb.sub(x=x["x"], y=mb.const(val=w["mean"], name="mean")),
+                   y=mb.const(val=w["inv_std"], name="inv_std"), name="standardised")
+        z = mb.conv(x=z, weight=mb.const(val=w["trunk_w"], name="trunk_w"),
+                    bias=mb.const(val=w["trunk_b"], name="trunk_b"), name="trunk")
+        z = mb.gelu(x=z, mode="EXACT", name="trunk_gelu")
+        return {t: mb.conv(x=z, weight=mb.const(val=w[f"{t}_w"], name=f"{t}_w"),
+                           bias=mb.const(val=w[f"{t}_b"], name=f"{t}_b"), name=t) for t in tasks}
+
+    return ModuleSpec("controller", {"x": ctl.n_in}, tasks, w, source_sha256, build)
+
+
+def exit_spec(head, source_sha256: str) -> ModuleSpec:
+    """A shortlist exit head (agp.heads.exit.ExitHead) with the backbone's final norm."""
+    par = head.params
+    w = {"translator_w": linear_as_conv(np.asarray(par.W).T), "translator_b": np.asarray(par.b).astype(np.float16),
+         "norm_gain": channels(1.0 + np.asarray(head.norm.weight, np.float32)), "rows": linear_as_conv(np.asarray(head.rows)),
+         "row_bias": np.asarray(par.bias).astype(np.float16)}
+    eps = float(getattr(head.norm, "eps", 1e-6)) / RMS_PRESCALE ** 2
+
+    def build(mb, x):
+        h = x["x"]
+        t = mb.add(x=h, y=mb.conv(x=h, weight=mb.const(val=w["translator_w"], name="translator_w"),
+                                  bias=mb.const(val=w["translator_b"], name="translator_b")), name="translated")
+        y = mb.mul(x=t, y=np.float16(1.0 / RMS_PRESCALE), name="prescaled")
+        ms = mb.reduce_mean(x=mb.mul(x=y, y=y), axes=[1], keep_dims=True, name="mean_square")
+        inv = mb.rsqrt(x=ms, epsilon=np.float16(max(eps, 0.0)), name="inv_rms")
+        normed = mb.mul(x=mb.mul(x=y, y=inv), y=mb.const(val=w["norm_gain"], name="norm_gain"), name="normed")
+        logits = mb.conv(x=normed, weight=mb.const(val=w["rows"], name="rows"),
+                         bias=mb.const(val=w["row_bias"], name="row_bias"), name="logits")
+        top = mb.reduce_max(x=logits, axes=[1], keep_dims=False)
+        lse = mb.reduce_log_sum_exp(x=logits, axes=[1], keep_dims=False)
+        return {"logits": logits, "top1": mb.reduce_argmax(x=logits, axis=1, keep_dims=False, name="top1"),
+                "p1": mb.exp(x=mb.sub(x=top, y=lse), name="p1")}
+
+    return ModuleSpec(f"exit_L{head.layer}", {"x": head.hidden}, ["logits", "top1", "p1"], w, source_sha256, build)
+
+
+# --- build, save, read back -------------------------------------------------------------------------
+def build_program(spec: ModuleSpec, positions: int):
+    ct, mb, types = _coremltools()
+    if list(spec.inputs) != ["x"]:
+        # mb.program names a program's inputs after its function's parameters
+        raise AGPError(f"module {spec.name}: the exporter builds one input named 'x', got {list(spec.inputs)}")
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, spec.inputs["x"], 1, positions), dtype=types.fp16)],
+                opset_version=ct.target.iOS17)
+    def prog(x):
+        outs = spec.build(mb, {"x": x})
+        return tuple(outs[o] for o in spec.outputs)
+
+    return prog
+
+
+def export(spec: ModuleSpec, out_dir: Path, positions: int) -> dict:
+    """Write `<out_dir>/<name>.mlpackage` atomically; returns its manifest entry."""
+    ct, _, _ = _coremltools()
+    prog = build_program(spec, positions)
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
+                       compute_precision=ct.precision.FLOAT16, skip_model_load=True)
+    model.user_defined_metadata.update({"agp.module": spec.name, "agp.source_sha256": spec.source_sha256,
+                                        "agp.positions": str(positions), "agp.version": str(PACKAGE_VERSION)})
+    final = Path(out_dir) / f"{spec.name}.mlpackage"
+    with io.atomic_dir(final) as tmp:
+        model.save(str(tmp / "m.mlpackage"))
+        for child in (tmp / "m.mlpackage").iterdir():
+            child.rename(tmp / child.name)
+        (tmp / "m.mlpackage").rmdir()
+    files = sorted(p for p in final.rglob("*") if p.is_file())
+    return {"package": final.name, "inputs": {n: [1, c, 1, positions] for n, c in spec.inputs.items()},
+            "outputs": spec.outputs, "compute_precision": "float16", "weights": "float16",
+            "source_sha256": spec.source_sha256, "bytes": int(sum(p.stat().st_size for p in files)),
+            "package_sha256": io.sha256_bytes(b"".join(io.sha256_file(p).encode() for p in files))}
+
+
+@dataclass
+class ReadBack:
+    metadata: dict
+    inputs: dict          # name -> shape
+    outputs: list
+    ops: list             # op types in program order (consts excluded)
+    consts: dict          # const name -> numpy value
+    program: object
+
+
+def read_back(package: Path) -> ReadBack:
+    """The saved package's MIL program, its declared shapes and its stored constants."""
+    ct, _, _ = _coremltools()
+    from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
+    package = Path(package)
+    if not (package / "Manifest.json").exists():
+        raise AGPError(f"{package} is not a Core ML package (no Manifest.json); rerun `agp export coreml`")
+    try:
+        model = ct.models.MLModel(str(package), skip_model_load=True)
+        spec = model.get_spec()
+        prog = load_milproto(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
+    except Exception as e:  # coremltools raises many types on a damaged package
+        raise AGPError(f"{package} is unreadable ({type(e).__name__}: {str(e)[:120]}); rerun `agp export coreml`") from None
+    fn = prog.functions["main"]
+    consts = {op.outputs[0].name: op.outputs[0].val for op in fn.operations if op.op_type == "const"}
+    return ReadBack(dict(spec.description.metadata.userDefined),
+                    {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input},
+                    [o.name for o in spec.description.output],
+                    [op.op_type for op in fn.operations if op.op_type != "const"], consts, prog)
+
+
+def check_provenance(rb: ReadBack, package: Path, source_sha256: str) -> None:
+    """Refuse a package made from other weights than the head files it is paired with."""
+    made_from = rb.metadata.get("agp.source_sha256")
+    if made_from != source_sha256:
+        raise AGPError(f"{package.name} was exported from other weights (source sha256 {str(made_from)[:12]}, "
+                       f"the run's head files {source_sha256[:12]}); re-export with `agp export coreml --run RUN`")
+
+
+def weight_parity(spec: ModuleSpec, rb: ReadBack) -> dict:
+    """name -> True when the stored constant equals the fp16 layout-transformed MLX weight exactly."""
+    out = {}
+    for name, want in spec.weights.items():
+        got = rb.consts.get(name)
+        out[name] = got is not None and np.shape(got) == want.shape and np.array_equal(
+            np.asarray(got, np.float16).view(np.uint16), want.view(np.uint16))
+    return out
+
+
+# --- numpy evaluation of a read-back program ----------------------------------------------------------
+def _erf(x):
+    from math import erf
+    return np.vectorize(erf, otypes=[np.float64])(x)
+
+
+def _gelu(x, mode):
+    if mode == "EXACT":
+        return 0.5 * x * (1 + _erf(x / np.sqrt(2)))
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _conv1x1(x, weight, bias):
+    y = np.einsum("oi,bihw->bohw", weight[:, :, 0, 0].astype(np.float64), x)
+    return y if bias is None else y + bias.astype(np.float64).reshape(1, -1, 1, 1)
+
+
+def _reduce(fn):
+    return lambda a: fn(a["x"], axis=tuple(a["axes"]), keepdims=bool(a.get("keep_dims", False)))
+
+
+def _lse(a):
+    x, ax = a["x"], tuple(a["axes"])
+    m = x.max(axis=ax, keepdims=True)
+    out = m + np.log(np.exp(x - m).sum(axis=ax, keepdims=True))
+    return out if a.get("keep_dims", False) else np.squeeze(out, ax)
+
+
+_OPS = {
+    "add": lambda a: a["x"] + a["y"], "sub": lambda a: a["x"] - a["y"], "mul": lambda a: a["x"] * a["y"],
+    "real_div": lambda a: a["x"] / a["y"], "exp": lambda a: np.exp(a["x"]),
+    "rsqrt": lambda a: 1.0 / np.sqrt(a["x"] + a.get("epsilon", 1e-12)),
+    "gelu": lambda a: _gelu(a["x"], a.get("mode", "EXACT")),
+    "conv": lambda a: _conv1x1(a["x"], a["weight"], a.get("bias")),
+    "reduce_mean": _reduce(np.mean), "reduce_max": _reduce(np.max), "reduce_log_sum_exp": _lse,
+    "reduce_argmax": lambda a: (np.expand_dims(a["x"].argmax(axis=int(a["axis"])), int(a["axis"]))
+                                if a.get("keep_dims", False) else a["x"].argmax(axis=int(a["axis"]))),
+}
+
+
+def _as_float64(v):
+    """Floating constants computed in float64; integer axes, strings and flags kept as they are."""
+    if isinstance(v, (np.ndarray, np.floating)) and np.issubdtype(np.asarray(v).dtype, np.floating):
+        return np.asarray(v, np.float64)
+    return v
+
+
+def evaluate(rb: ReadBack, feeds: dict) -> dict:
+    """Run the read-back program's ops in numpy (float64 arithmetic on the stored fp16 constants).
+    Only the op types this module exports are known; any other is refused, never skipped."""
+    fn = rb.program.functions["main"]
+    env = {n: np.asarray(v, np.float64) for n, v in feeds.items()}
+    for op in fn.operations:
+        if op.op_type == "const":
+            env[op.outputs[0].name] = _as_float64(op.outputs[0].val)
+            continue
+        if op.op_type not in _OPS:
+            raise AGPError(f"the numpy evaluator does not know MIL op '{op.op_type}'")
+        args = {k: env[var.name] if var.name in env else _as_float64(var.val) for k, var in op.inputs.items()}
+        env[op.outputs[0].name] = np.asarray(_OPS[op.op_type](args))
+    return {o.name: env[o.name] for o in fn.outputs}
+
+
+def to_channels_first(rows: np.ndarray) -> np.ndarray:
+    """[S, C] rows -> the (1, C, 1, S) layout."""
+    return np.asarray(rows).T[None, :, None, :]
+
+
+def from_channels_first(t: np.ndarray) -> np.ndarray:
+    """(1, C, 1, S) -> [S, C]; (1, 1, S) / (1, S) -> [S]."""
+    t = np.asarray(t)
+    return t[0, :, 0, :].T if t.ndim == 4 else t.reshape(-1)
+
+
+def predict(package: Path, feeds: dict, compute_units: str = "CPU_AND_NE") -> dict:
+    """Core ML's own prediction (macOS only)."""
+    if platform.system() != "Darwin":
+        raise AGPError("Core ML prediction needs macOS (coremltools has no runtime on this platform)")
+    ct, _, _ = _coremltools()
+    model = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, compute_units))
+    return model.predict({k: np.asarray(v, np.float16) for k, v in feeds.items()})
