@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("coremltools", reason="Core ML export needs coremltools (./install.sh --dev)")
 
 from agp.ane import coreml  # noqa: E402
-from agp.ane.export import available, check  # noqa: E402
+from agp.ane.export import available, check, exit_reference  # noqa: E402
 from agp.errors import AGPError  # noqa: E402
 from agp.heads.controller import Controller, HeadArgs  # noqa: E402
 
@@ -48,9 +48,7 @@ def test_exit_head_package_on_a_tiny_gemma(tiny_model_dir, tmp_path):
     head.params.W = mx.random.normal(head.params.W.shape) * 0.05
     head.params.bias = mx.random.normal(head.params.bias.shape) * 0.1
     h = np.random.default_rng(1).normal(size=(S, bb.hidden_size)).astype(np.float32) * 30
-    z = head.logits(mx.array(h))
-    p1 = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
-    ref = {"logits": np.asarray(z), "top1": np.asarray(mx.argmax(z, axis=-1)), "p1": np.asarray(p1)}
+    ref = exit_reference(head, h)
     spec = coreml.exit_spec(head, "b" * 64)
     entry = coreml.export(spec, tmp_path, S)
     result = check(spec, tmp_path / entry["package"], {"x": h}, ref, S)

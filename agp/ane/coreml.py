@@ -55,6 +55,11 @@ def _coremltools():
     return ct, mb, types
 
 
+def files_sha256(paths) -> str:
+    """One sha256 over several files (the sha256 of their sha256s, in the order given)."""
+    return io.sha256_bytes("".join(io.sha256_file(p) for p in paths).encode())
+
+
 def linear_as_conv(weight_out_in: np.ndarray) -> np.ndarray:
     """An `nn.Linear` weight [out, in] as a 1x1 conv weight [out, in, 1, 1] in fp16."""
     w = np.asarray(weight_out_in)
@@ -168,7 +173,7 @@ def export(spec: ModuleSpec, out_dir: Path, positions: int) -> dict:
     return {"package": final.name, "inputs": {n: [1, c, 1, positions] for n, c in spec.inputs.items()},
             "outputs": spec.outputs, "compute_precision": "float16", "weights": "float16",
             "source_sha256": spec.source_sha256, "bytes": int(sum(p.stat().st_size for p in files)),
-            "package_sha256": io.sha256_bytes(b"".join(io.sha256_file(p).encode() for p in files))}
+            "package_sha256": files_sha256(files)}
 
 
 @dataclass

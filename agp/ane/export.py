@@ -33,7 +33,7 @@ class Source:
     files: list
 
     def sha256(self) -> str:
-        return io.sha256_bytes("".join(io.sha256_file(f) for f in self.files).encode())
+        return coreml.files_sha256(self.files)
 
 
 def available(run_dir: Path, wanted=None) -> list[Source]:
@@ -78,7 +78,6 @@ def held_out_states(bb, layer: int, n: int) -> np.ndarray:
 
 def spec_and_reference(src: Source, bb, run_dir: Path, positions: int):
     """(ModuleSpec, input rows [S, C], MLX outputs {name: [S, ...]}) for one source head."""
-    import mlx.core as mx
     if src.kind == "controller":
         from agp.heads.controller import Controller
         ctl = Controller.load(src.path)
@@ -87,11 +86,17 @@ def spec_and_reference(src: Source, bb, run_dir: Path, positions: int):
     from agp.heads.exit import ExitHead
     head, _ = ExitHead.load(bb, src.path)
     h = held_out_states(bb, head.layer, positions)
+    return coreml.exit_spec(head, src.sha256()), {"x": h}, exit_reference(head, h)
+
+
+def exit_reference(head, h: np.ndarray) -> dict:
+    """The MLX exit head's outputs in the package's terms: logits, top-1 shortlist index, its probability."""
+    import mlx.core as mx
+    from agp.heads.exit import shortlist_top1
     z = head.logits(mx.array(h))
-    p1 = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
-    mx.eval(z, p1)
-    ref = {"logits": np.asarray(z), "top1": np.asarray(mx.argmax(z, axis=-1)), "p1": np.asarray(p1)}
-    return coreml.exit_spec(head, src.sha256()), {"x": h}, ref
+    mx.eval(z)
+    p1, _ = shortlist_top1(head, h)
+    return {"logits": np.asarray(z), "top1": np.asarray(z).argmax(-1), "p1": p1}
 
 
 def check(spec, package: Path, inputs: dict, ref: dict, positions: int) -> dict:
