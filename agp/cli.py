@@ -4,13 +4,28 @@ from __future__ import annotations
 import os
 import sys
 
+
+def _caused_by_ctrl_c(error: BaseException) -> bool:
+    """A Ctrl-C that lands while a compiled extension (mlx) initialises surfaces as an ImportError
+    raised from the KeyboardInterrupt: walk the cause/context chain for it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 try:
     import argparse
     import importlib
 
     import agp  # noqa: F401  (fast BLAS before anything imports mlx)
     from agp.errors import AGPError
-except KeyboardInterrupt:  # Ctrl-C while the first imports run: nothing has started, say so and stop
+except (KeyboardInterrupt, ImportError) as e:  # Ctrl-C while the first imports run: nothing has started
+    if not _caused_by_ctrl_c(e):
+        raise
     print("agp: interrupted before anything ran", file=sys.stderr)
     sys.exit(130)
 
@@ -55,9 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _reader_went_away()
     except KeyboardInterrupt:
-        resume = "; completed stages are kept, rerun to resume" if argv[:1] == ["run"] else ""
-        print(f"agp: interrupted{resume}", file=sys.stderr)
-        return 130
+        return _interrupted(argv)
+    except Exception as e:  # e.g. mlx's ImportError raised from a Ctrl-C during its initialisation
+        if not _caused_by_ctrl_c(e):
+            raise
+        return _interrupted(argv)
+
+
+def _interrupted(argv: list[str]) -> int:
+    resume = "; completed stages are kept, rerun to resume" if argv[:1] == ["run"] else ""
+    print(f"agp: interrupted{resume}", file=sys.stderr)
+    return 130
 
 
 def _reader_went_away() -> int:

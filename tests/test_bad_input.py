@@ -304,3 +304,30 @@ def test_early_ctrl_c_is_one_line():
             assert len(err.strip().splitlines()) <= 1, err
             return
     raise AssertionError(f"no attempt was interrupted: {outcomes}")
+
+def test_ctrl_c_inside_an_extension_import_is_one_line(monkeypatch, capsys):
+    """The CI failure this pins: a Ctrl-C that lands while mlx initialises comes back as an
+    ImportError raised from the KeyboardInterrupt; it is the user's Ctrl-C, so one line and 130."""
+    import agp.cli
+
+    def interrupted_import():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as ctrl_c:
+            raise ImportError("Encountered an error while initializing the extension.") from ctrl_c
+
+    monkeypatch.setattr(agp.cli, "build_parser", interrupted_import)
+    assert main(["bench", "codecs"]) == 130
+    assert capsys.readouterr().err.strip() == "agp: interrupted"
+
+
+def test_a_broken_import_is_not_called_an_interrupt(monkeypatch):
+    """The same catch must not hide a real import failure (a broken install stays a traceback)."""
+    import agp.cli
+
+    def broken_import():
+        raise ImportError("libmlx.so: cannot open shared object file")
+
+    monkeypatch.setattr(agp.cli, "build_parser", broken_import)
+    with pytest.raises(ImportError, match="libmlx"):
+        main(["bench", "codecs"])
