@@ -22,10 +22,15 @@ def exported(agp_run, tmp_path_factory):
     return export_run(agp_run.path, out_dir=out), out
 
 
-def test_every_landed_head_is_exported(exported):
+def test_every_landed_head_is_exported(agp_run, exported):
+    import json
     record, out = exported
     names = set(record["modules"])
     assert "controller" in names and any(n.startswith("exit_L") for n in names), names
+    if agp_run.stage("depth").get("status") == "done":
+        assert any(n.startswith("revive_L") for n in names) and any(n.startswith("depth_L") for n in names), names
+    if json.loads((agp_run.path / "runtime" / "runtime.json").read_text()).get("feature_draft"):
+        assert "draft" in names, names
     for name, e in record["modules"].items():
         assert (out / e["package"] / "Manifest.json").exists(), name
         assert len(e["source_sha256"]) == 64 and e["compute_precision"] == "float16"
@@ -37,6 +42,12 @@ def test_structure_and_weights_are_exact(exported):
         assert p["shapes_ok"], f"{name}: declared inputs/outputs differ from the module's"
         assert p["weights_exact"], f"{name}: stored weights differ from the MLX weights: {p['weights_mismatched']}"
         assert "conv" in p["ops"], f"{name}: no 1x1 convolution (the Neural Engine layout)"
+
+
+def test_no_intermediate_leaves_fp16_range(exported):
+    """The numpy evaluation runs in float64, so it records what fp16 on the device would overflow."""
+    for name, e in exported[0]["modules"].items():
+        assert not e["parity"]["fp16_overflow"], f"{name}: past fp16's range: {e['parity']['fp16_overflow']}"
 
 
 def test_saved_program_computes_the_mlx_module(exported):

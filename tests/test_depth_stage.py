@@ -96,3 +96,24 @@ def test_a_run_without_translators_names_the_stage(tiny_run, tmp_path, capsys):
     assert main(["run", "--stage", "depth", "--run-dir", str(bare), "--model", model, "--no-gates"]) != 0
     err = capsys.readouterr().err
     assert "translators" in err and "agp run --stage controller" in err
+
+
+def test_export_coreml_cli_exports_every_landed_head(tiny_run, tmp_path):
+    """`agp export coreml` on a run with the depth stage: the depth modules and the revive
+    operation are exported beside the controller and exit heads, each exact and computing MLX."""
+    pytest.importorskip("coremltools", reason="Core ML export needs coremltools (./install.sh --dev)")
+    import json
+    run, model = tiny_run
+    assert main(["export", "coreml", "--run", str(run.path), "--model", model, "--positions", "4"]) == 0
+    record = json.loads((run.path / "ane" / "export.json").read_text())
+    names = set(record["modules"])
+    assert {"controller", "revive_L" + str(json.loads((run.path / "depth" / "revive" / "revive.json").read_text())["layer"])} <= names
+    assert any(n.startswith("depth_L") for n in names) and any(n.startswith("exit_L") for n in names), names
+    feature = json.loads((run.path / "runtime" / "runtime.json").read_text()).get("feature_draft")
+    assert ("draft" in names) == bool(feature), names
+    for name, e in record["modules"].items():
+        p = e["parity"]
+        assert p["shapes_ok"] and p["weights_exact"] and not p["fp16_overflow"], name
+        assert all(w.get("rel_err", 0) < 1e-2 for w in p["wiring"].values()), (name, p["wiring"])
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    assert set(manifest["exports"]["coreml"]["modules"]) == names

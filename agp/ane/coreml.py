@@ -2,22 +2,9 @@
 
 Layout (Apple's recommendation for the Neural Engine, as in ml-ane-transformers): every tensor is
 channels-first `(1, C, 1, S)` — S positions decided at once, S fixed at export — and every linear
-map is a 1x1 convolution. An MLX `nn.Linear` weight `[out, in]` becomes the conv weight
-`[out, in, 1, 1]`; a matrix applied as `x @ W` (`W [in, out]`) becomes `W.T[:, :, None, None]`.
-Weights are stored fp16 and the program computes in fp16 (`compute_precision`), as the NE does.
-Two constants are stored folded, because coremltools' passes would fold them anyway and the
-weight-parity check compares what is stored: the controller's standardisation as `mean` and
-`inv_std = 1 / std` (a multiply, not a divide), and Gemma's RMSNorm gain as `norm_gain = 1 + w`.
-
-Modules exported:
-  controller   x (1, n_in, 1, S) -> route / vitality / earliest logits (1, K, 1, S)
-               (x - mean) / std, conv + exact GELU trunk, one conv per task
-  exit_L<E>    x (1, H, 1, S) -> logits (1, V, 1, S), top1 (1, 1, S) index into the shortlist,
-               p1 (1, 1, S) its probability; residual translator, Gemma RMSNorm, shortlist rows
-
-Gemma's hidden states reach |h| ~ 1e3, whose square overflows fp16 (max 65504): the RMSNorm
-squares h / 256 instead (the same norm in exact arithmetic; eps scaled to match, and it
-underflows to 0 in fp16, which changes nothing measurable next to Gemma's state norms).
+map is a 1x1 convolution. Weights are stored fp16 and the program computes in fp16
+(`compute_precision`), as the NE does. The modules themselves (controller, exit heads, depth
+modules, the revive operation, the feature draft head) are written in agp/ane/modules.py.
 
 Each package is written atomically (built beside its final path, then renamed) and carries
 its provenance in the model's user metadata: `agp.module`, `agp.source_sha256` (sha256 of the
@@ -30,16 +17,17 @@ from __future__ import annotations
 
 import logging
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from agp import io
+from agp.ane.modules import ModuleSpec
 from agp.errors import AGPError
 
-RMS_PRESCALE = 256.0      # power of two: exact in fp16; see the module docstring
 PACKAGE_VERSION = 1
+FP16_MAX = 65504.0
 
 
 def _coremltools():
@@ -58,85 +46,6 @@ def _coremltools():
 def files_sha256(paths) -> str:
     """One sha256 over several files (the sha256 of their sha256s, in the order given)."""
     return io.sha256_bytes("".join(io.sha256_file(p) for p in paths).encode())
-
-
-def linear_as_conv(weight_out_in: np.ndarray) -> np.ndarray:
-    """An `nn.Linear` weight [out, in] as a 1x1 conv weight [out, in, 1, 1] in fp16."""
-    w = np.asarray(weight_out_in)
-    if w.ndim != 2:
-        raise AGPError(f"a linear weight must be 2-D, got shape {w.shape}")
-    return w.astype(np.float16)[:, :, None, None]
-
-
-def channels(vector: np.ndarray) -> np.ndarray:
-    """A per-channel vector [C] as a (1, C, 1, 1) fp16 constant that broadcasts over (1, C, 1, S)."""
-    return np.asarray(vector).astype(np.float16).reshape(1, -1, 1, 1)
-
-
-@dataclass
-class ModuleSpec:
-    """One module to export: its name, inputs {name: channels}, and the MLX weights it reads,
-    each as (name in the package, array in the package's layout) for the weight-parity check."""
-    name: str
-    inputs: dict
-    outputs: list
-    weights: dict = field(default_factory=dict)     # const name -> fp16 array as stored
-    source_sha256: str = ""
-    build: object = None                             # callable(mb, inputs dict) -> outputs dict
-
-
-# --- the modules ----------------------------------------------------------------------------------
-def controller_spec(ctl, source_sha256: str) -> ModuleSpec:
-    """The stage-2 controller (agp.heads.controller.Controller)."""
-    from mlx.utils import tree_flatten
-    p = {k: np.asarray(v) for k, v in tree_flatten(ctl.model.parameters())}
-    tasks = list(ctl.n_out)
-    inv_std = 1.0 / np.asarray(ctl.std, np.float32)
-    if not np.isfinite(inv_std.astype(np.float16)).all():
-        raise AGPError("a controller feature's standard deviation is below fp16's range (1/std > 65504); "
-                       "it cannot run on the Neural Engine: retrain the controller on more varied positions")
-    w = {"mean": channels(ctl.mean), "inv_std": channels(inv_std),
-         "trunk_w": linear_as_conv(p["trunk.layers.0.weight"]), "trunk_b": p["trunk.layers.0.bias"].astype(np.float16)}
-    for t in tasks:
-        w[f"{t}_w"] = linear_as_conv(p[f"heads.{t}.weight"])
-        w[f"{t}_b"] = p[f"heads.{t}.bias"].astype(np.float16)
-
-    def build(mb, x):
-        z = mb.mul(x=mb.sub(x=x["x"], y=mb.const(val=w["mean"], name="mean")),
-                   y=mb.const(val=w["inv_std"], name="inv_std"), name="standardised")
-        z = mb.conv(x=z, weight=mb.const(val=w["trunk_w"], name="trunk_w"),
-                    bias=mb.const(val=w["trunk_b"], name="trunk_b"), name="trunk")
-        z = mb.gelu(x=z, mode="EXACT", name="trunk_gelu")
-        return {t: mb.conv(x=z, weight=mb.const(val=w[f"{t}_w"], name=f"{t}_w"),
-                           bias=mb.const(val=w[f"{t}_b"], name=f"{t}_b"), name=t) for t in tasks}
-
-    return ModuleSpec("controller", {"x": ctl.n_in}, tasks, w, source_sha256, build)
-
-
-def exit_spec(head, source_sha256: str) -> ModuleSpec:
-    """A shortlist exit head (agp.heads.exit.ExitHead) with the backbone's final norm."""
-    par = head.params
-    w = {"translator_w": linear_as_conv(np.asarray(par.W).T), "translator_b": np.asarray(par.b).astype(np.float16),
-         "norm_gain": channels(1.0 + np.asarray(head.norm.weight, np.float32)), "rows": linear_as_conv(np.asarray(head.rows)),
-         "row_bias": np.asarray(par.bias).astype(np.float16)}
-    eps = float(getattr(head.norm, "eps", 1e-6)) / RMS_PRESCALE ** 2
-
-    def build(mb, x):
-        h = x["x"]
-        t = mb.add(x=h, y=mb.conv(x=h, weight=mb.const(val=w["translator_w"], name="translator_w"),
-                                  bias=mb.const(val=w["translator_b"], name="translator_b")), name="translated")
-        y = mb.mul(x=t, y=np.float16(1.0 / RMS_PRESCALE), name="prescaled")
-        ms = mb.reduce_mean(x=mb.mul(x=y, y=y), axes=[1], keep_dims=True, name="mean_square")
-        inv = mb.rsqrt(x=ms, epsilon=np.float16(max(eps, 0.0)), name="inv_rms")
-        normed = mb.mul(x=mb.mul(x=y, y=inv), y=mb.const(val=w["norm_gain"], name="norm_gain"), name="normed")
-        logits = mb.conv(x=normed, weight=mb.const(val=w["rows"], name="rows"),
-                         bias=mb.const(val=w["row_bias"], name="row_bias"), name="logits")
-        top = mb.reduce_max(x=logits, axes=[1], keep_dims=False)
-        lse = mb.reduce_log_sum_exp(x=logits, axes=[1], keep_dims=False)
-        return {"logits": logits, "top1": mb.reduce_argmax(x=logits, axis=1, keep_dims=False, name="top1"),
-                "p1": mb.exp(x=mb.sub(x=top, y=lse), name="p1")}
-
-    return ModuleSpec(f"exit_L{head.layer}", {"x": head.hidden}, ["logits", "top1", "p1"], w, source_sha256, build)
 
 
 # --- build, save, read back -------------------------------------------------------------------------
@@ -253,11 +162,27 @@ def _lse(a):
     return out if a.get("keep_dims", False) else np.squeeze(out, ax)
 
 
+def _softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _slice(a):
+    if any(a.get(m) is not None and np.any(a[m]) for m in ("begin_mask", "end_mask", "squeeze_mask")):
+        raise AGPError("the numpy evaluator reads slice_by_index without masks only")
+    stride = a.get("stride")
+    stride = [1] * len(a["begin"]) if stride is None else stride
+    return a["x"][tuple(slice(int(b), int(e), int(s)) for b, e, s in zip(a["begin"], a["end"], stride))]
+
+
 _OPS = {
     "add": lambda a: a["x"] + a["y"], "sub": lambda a: a["x"] - a["y"], "mul": lambda a: a["x"] * a["y"],
     "real_div": lambda a: a["x"] / a["y"], "exp": lambda a: np.exp(a["x"]),
     "rsqrt": lambda a: 1.0 / np.sqrt(a["x"] + a.get("epsilon", 1e-12)),
     "gelu": lambda a: _gelu(a["x"], a.get("mode", "EXACT")),
+    "sigmoid": lambda a: 1.0 / (1.0 + np.exp(-a["x"])), "softmax": lambda a: _softmax(a["x"], int(a["axis"])),
+    "reduce_sum": _reduce(np.sum), "reshape": lambda a: a["x"].reshape([int(d) for d in a["shape"]]),
+    "slice_by_index": _slice, "concat": lambda a: np.concatenate(list(a["values"]), axis=int(a["axis"])),
     "conv": lambda a: _conv1x1(a["x"], a["weight"], a.get("bias")),
     "reduce_mean": _reduce(np.mean), "reduce_max": _reduce(np.max), "reduce_log_sum_exp": _lse,
     "reduce_argmax": lambda a: (np.expand_dims(a["x"].argmax(axis=int(a["axis"])), int(a["axis"]))
@@ -272,9 +197,11 @@ def _as_float64(v):
     return v
 
 
-def evaluate(rb: ReadBack, feeds: dict) -> dict:
+def evaluate(rb: ReadBack, feeds: dict, ranges: dict | None = None) -> dict:
     """Run the read-back program's ops in numpy (float64 arithmetic on the stored fp16 constants).
-    Only the op types this module exports are known; any other is refused, never skipped."""
+    Only the op types the exported modules use are known; any other is refused, never skipped.
+    `ranges`, when given, receives every op output's largest magnitude: float64 cannot overflow,
+    so this is how an fp16 overflow the device would hit is seen here."""
     fn = rb.program.functions["main"]
     env = {n: np.asarray(v, np.float64) for n, v in feeds.items()}
     for op in fn.operations:
@@ -283,9 +210,23 @@ def evaluate(rb: ReadBack, feeds: dict) -> dict:
             continue
         if op.op_type not in _OPS:
             raise AGPError(f"the numpy evaluator does not know MIL op '{op.op_type}'")
-        args = {k: env[var.name] if var.name in env else _as_float64(var.val) for k, var in op.inputs.items()}
-        env[op.outputs[0].name] = np.asarray(_OPS[op.op_type](args))
+        args = {k: _value(env, var) for k, var in op.inputs.items()}
+        out = env[op.outputs[0].name] = np.asarray(_OPS[op.op_type](args))
+        if ranges is not None and out.dtype.kind == "f" and out.size:
+            ranges[op.outputs[0].name] = float(np.abs(out).max())
     return {o.name: env[o.name] for o in fn.outputs}
+
+
+def _value(env: dict, var):
+    """An op input: a computed variable, a constant, or a tuple of either (concat's values)."""
+    if isinstance(var, (list, tuple)):
+        return [_value(env, v) for v in var]
+    return env[var.name] if var.name in env else _as_float64(var.val)
+
+
+def fp16_overflows(ranges: dict) -> list:
+    """Op outputs whose magnitude leaves fp16's range on the inputs evaluated."""
+    return sorted(name for name, top in ranges.items() if not top <= FP16_MAX)
 
 
 def to_channels_first(rows: np.ndarray) -> np.ndarray:

@@ -8,14 +8,17 @@ from agp.errors import AGPError
 
 def add_parser(sub):
     p = sub.add_parser("export", help="export a run's heads (coreml: Core ML mlprogram packages for the Neural Engine)",
-                       description="Export the shallow heads of a run. `coreml` builds one Core ML mlprogram per head "
+                       description="Export the shallow heads of a run (the stage-2 controller, the runtime's exit heads and "
+                                   "feature draft head, the depth stage's modules and revive operation). `coreml` "
+                                   "builds one Core ML mlprogram per head "
                                    "with coremltools' MIL builder (fp16, channels-first (1, C, 1, S), 1x1 convolutions), "
                                    "writes it atomically into RUN/ane/, reads it back and checks structure, exact fp16 "
                                    "weight parity and the program's wiring (evaluated in numpy) against MLX. Core ML "
                                    "prediction, Neural Engine placement and latency need macOS.")
     p.add_argument("target", choices=["coreml"], help="export format")
     p.add_argument("--run", default=None, help="run directory (default runs/latest)")
-    p.add_argument("--heads", default=None, help="comma-separated subset of: controller, exit (default: every landed head)")
+    p.add_argument("--heads", default=None, help="comma-separated subset of: controller, exit, depth, revive, draft (default: every "
+                        "head the run has; the controller and exit heads are required)")
     p.add_argument("--positions", type=int, default=8, metavar="S",
                    help="positions per prediction, fixed in the package (default 8; 1 = one decision per token)")
     p.add_argument("--model", default=None, help="mlx-lm model directory (default: the run's backbone)")

@@ -32,7 +32,7 @@ from mlx_lm.models.gemma3_text import MLP, RMSNorm
 
 from agp.backbone.segments import embed
 from agp.config import ConfigMixin
-from agp.heads.exit import ShortlistHead
+from agp.heads.exit import ShortlistHead, top1_probability
 
 
 @dataclass
@@ -157,7 +157,7 @@ def chain(head: FeatureDraftHead, pairs: Pairs, top1: np.ndarray, depth: int) ->
         f_in = f[mx.array(live)] if d == 0 else fd[mx.array(live_idx(prev, live))]
         nxt = head.predict(f_in, e[mx.array(src)])
         z = head.shortlist_logits(nxt)
-        p = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
+        p = top1_probability(z)
         tok = head.ids[mx.argmax(z, axis=-1)]
         mx.eval(nxt, p, tok)
         conf[live, d], ok[live, d] = np.asarray(p), np.asarray(tok) == top1[src]

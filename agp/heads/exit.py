@@ -224,12 +224,17 @@ def evaluate(head: ExitHead, h_e: np.ndarray, h_final: np.ndarray, top1: np.ndar
             "coverage": float(np.isin(top1, head.ids_np).mean()), "positions": int(len(h_e))}
 
 
+def top1_probability(z: mx.array) -> mx.array:
+    """The softmax probability of each row's largest logit (a shortlist head's confidence)."""
+    return mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
+
+
 def shortlist_top1(head, h: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """A shortlist head's top-1 probability and token (a vocabulary id) at every row of `h`."""
     p1, tok = [], []
     for a in range(0, len(h), batch):
         z = head.logits(mx.array(h[a:a + batch]))
-        p = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
+        p = top1_probability(z)
         t = head.ids[mx.argmax(z, axis=-1)]
         mx.eval(p, t)
         p1.append(np.asarray(p))

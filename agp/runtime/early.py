@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from agp.errors import AGPError
+from agp.heads.exit import top1_probability
 from agp.runtime.cost import Cost
 from agp.runtime.full import Round, greedy, prefill
 
@@ -129,7 +130,7 @@ class EarlyExitDecoder:
     def exit_token(self, head, h):
         z = head.logits(h[:, -1])
         top = mx.argmax(z, axis=-1)
-        p1 = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
+        p1 = top1_probability(z)
         mx.eval(top, p1)
         return int(head.ids_np[int(top.item())]), float(p1.item()), Cost(head.macs(), head.macs())
 

@@ -17,6 +17,7 @@ import numpy as np
 from agp import io
 from agp.errors import AGPError
 from agp.heads.depth import Decoder, DepthModule
+from agp.heads.exit import top1_probability
 from agp.runtime.cost import Cost
 
 TRANSLATOR, META = "translator.safetensors", "revive.json"
@@ -58,6 +59,6 @@ class Reviver:
         h = self.module.apply({s: states[s].reshape(-1, states[s].shape[-1]) for s in self.sources})
         z = self.decoder.logits(h)
         top = mx.argmax(z, axis=-1)
-        p1 = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
+        p1 = top1_probability(z)
         mx.eval(top, p1)
         return int(self.decoder.ids_np[int(top[0].item())]), float(p1[0].item()), Cost(self.macs(), self.macs())

@@ -27,6 +27,7 @@ import mlx.core as mx
 
 from agp.backbone.segments import embed
 from agp.errors import AGPError
+from agp.heads.exit import top1_probability
 from agp.runtime.cache import make_rollback_cache, rollback
 from agp.runtime.cost import Cost
 from agp.runtime.full import Round, greedy, prefill
@@ -38,7 +39,7 @@ def confident(z: mx.array, ids_np, threshold: float):
     """(token, proposed?) from shortlist logits z [1, V]: the top-1 and whether its probability
     reaches the threshold."""
     top = mx.argmax(z, axis=-1)
-    conf = mx.exp(mx.max(z, axis=-1) - mx.logsumexp(z, axis=-1))
+    conf = top1_probability(z)
     mx.eval(top, conf)
     return int(ids_np[int(top.item())]), float(conf.item()) >= threshold
 
