@@ -50,14 +50,29 @@ def test_no_intermediate_leaves_fp16_range(exported):
         assert not e["parity"]["fp16_overflow"], f"{name}: past fp16's range: {e['parity']['fp16_overflow']}"
 
 
+def _within_bounds(label: str, wiring: dict) -> None:
+    for out, w in wiring.items():
+        if "rel_err" in w:
+            assert w["rel_err"] <= T.STAGE6_WIRING_REL_ERR_MAX, f"{label}.{out}: relative error {w['rel_err']:.2e}"
+        agree = w.get("agreement", w.get("argmax_agreement"))
+        if agree is not None:
+            assert agree >= T.STAGE6_ARGMAX_AGREEMENT_MIN, f"{label}.{out}: agreement {agree:.3f}"
+
+
 def test_saved_program_computes_the_mlx_module(exported):
     for name, e in exported[0]["modules"].items():
-        for out, w in e["parity"]["wiring"].items():
-            if "rel_err" in w:
-                assert w["rel_err"] <= T.STAGE6_WIRING_REL_ERR_MAX, f"{name}.{out}: relative error {w['rel_err']:.2e}"
-            agree = w.get("agreement", w.get("argmax_agreement"))
-            if agree is not None:
-                assert agree >= T.STAGE6_ARGMAX_AGREEMENT_MIN, f"{name}.{out}: argmax agreement {agree:.3f}"
+        _within_bounds(name, e["parity"]["wiring"])
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(platform.system() != "Darwin",
+                    reason="Core ML prediction needs macOS: coremltools has no Core ML runtime on this platform")
+@pytest.mark.parametrize("units", ["CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"])
+def test_core_ml_prediction_of_every_module_matches_mlx(agp_run, exported, units):
+    from agp.ane.export import coreml_parity
+    record, out = exported
+    for name, wiring in coreml_parity(agp_run.path, out, record, units).items():
+        _within_bounds(f"{name} on {units}", wiring)
 
 
 @pytest.mark.macos

@@ -117,3 +117,42 @@ def test_export_coreml_cli_exports_every_landed_head(tiny_run, tmp_path):
         assert all(w.get("rel_err", 0) < 1e-2 for w in p["wiring"].values()), (name, p["wiring"])
     manifest = json.loads((run.path / "manifest.json").read_text())
     assert set(manifest["exports"]["coreml"]["modules"]) == names
+
+
+def test_bench_ane_times_every_module_and_says_what_needs_a_mac(tiny_run, capsys):
+    import json
+    import platform
+    run, model = tiny_run
+    assert main(["bench", "ane", "--run", str(run.path), "--model", model, "--positions", "1,2", "--repeats", "2"]) == 0
+    report = json.loads((run.path / "ane" / "latency.json").read_text())
+    modules = {r["module"] for r in report["rows"]}
+    assert {"controller", "revive_L" + str(json.loads((run.path / "depth" / "revive" / "revive.json").read_text())["layer"])} <= modules
+    assert {r["positions"] for r in report["rows"]} == {1, 2}
+    assert all(r["median_ms"] > 0 and r["p95_ms"] >= r["median_ms"] for r in report["rows"])
+    if platform.system() != "Darwin":
+        assert {r["backend"] for r in report["rows"]} == {"mlx cpu"}
+        assert any("needs macOS" in n for n in report["notes"]) and "needs macOS" in capsys.readouterr().out
+
+
+def test_export_verify_refuses_a_package_whose_head_changed(tiny_run, tmp_path, capsys):
+    """Bad input: a head retrained (or reshaped) after its export. `--verify` re-checks the saved
+    packages against the run's current heads and refuses the stale one by its source fingerprint."""
+    pytest.importorskip("coremltools", reason="Core ML export needs coremltools (./install.sh --dev)")
+    import shutil
+
+    import mlx.core as mx
+    run, model = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run.path, copy)
+    if not (copy / "ane" / "export.json").exists():
+        assert main(["export", "coreml", "--run", str(copy), "--model", model, "--positions", "4"]) == 0
+    assert main(["export", "coreml", "--run", str(copy), "--model", model, "--verify"]) == 0
+    heads = copy / "controller" / "heads" / "heads.safetensors"
+    w = mx.load(str(heads))
+    name = next(k for k in w if k.endswith("bias"))
+    w[name] = w[name] + 1.0
+    mx.save_safetensors(str(heads), w)
+    capsys.readouterr()
+    assert main(["export", "coreml", "--run", str(copy), "--model", model, "--verify"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exported from other weights" in err[0] and "re-export" in err[0], err

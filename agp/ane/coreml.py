@@ -240,10 +240,46 @@ def from_channels_first(t: np.ndarray) -> np.ndarray:
     return t[0, :, 0, :].T if t.ndim == 4 else t.reshape(-1)
 
 
-def predict(package: Path, feeds: dict, compute_units: str = "CPU_AND_NE") -> dict:
-    """Core ML's own prediction (macOS only)."""
+MACOS_ONLY = "Core ML prediction needs macOS (coremltools has no Core ML runtime on this platform)"
+COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
+
+
+def load_model(package: Path, compute_units: str = "CPU_AND_NE"):
+    """The package loaded for prediction on `compute_units` (macOS only; loading compiles it, so
+    latency is timed on a loaded model)."""
     if platform.system() != "Darwin":
-        raise AGPError("Core ML prediction needs macOS (coremltools has no runtime on this platform)")
+        raise AGPError(MACOS_ONLY)
+    if compute_units not in COMPUTE_UNITS:
+        raise AGPError(f"unknown compute units {compute_units!r}; choose from {', '.join(COMPUTE_UNITS)}")
     ct, _, _ = _coremltools()
-    model = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, compute_units))
+    return ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, compute_units))
+
+
+def predict(package: Path, feeds: dict, compute_units: str = "CPU_AND_NE", model=None) -> dict:
+    """Core ML's own prediction (macOS only); `model` reuses a `load_model` result."""
+    model = model or load_model(package, compute_units)
     return model.predict({k: np.asarray(v, np.float16) for k, v in feeds.items()})
+
+
+_DEVICES = {"MLNeuralEngineComputeDevice": "ne", "MLGPUComputeDevice": "gpu", "MLCPUComputeDevice": "cpu"}
+
+
+def placement(model, compute_units: str) -> dict:
+    """{device: number of ops Core ML prefers to run there} from the compiled model's compute plan
+    (MLComputePlan, macOS 14.4+). Counts ops, not their share of the work."""
+    ct, _, _ = _coremltools()
+    from coremltools.models.compute_plan import MLComputePlan
+    try:
+        plan = MLComputePlan.load_from_path(model.get_compiled_model_path(),
+                                            compute_units=getattr(ct.ComputeUnit, compute_units))
+    except Exception as e:  # older macOS: no compute plan API
+        return {"unavailable": f"{type(e).__name__}: {str(e)[:80]}"}
+    counts = {}
+    for op in plan.model_structure.program.functions["main"].block.operations:
+        if op.operator_name == "const":
+            continue
+        usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+        device = type(getattr(usage, "preferred_compute_device", None)).__name__ if usage else "unknown"
+        key = _DEVICES.get(device, device)
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -255,32 +255,88 @@ def export_run(run_dir, heads=None, positions: int = 8, model: str | None = None
                out_dir=None) -> dict:
     """Export and check every wanted head of the run into `out_dir` (default `<run>/ane`); returns
     (and writes there) the export record."""
-    from agp.backbone import backbone
     run_dir = Path(run_dir)
     sources = available(run_dir, heads)
-    bb = None
-    if any(s.kind == "exit" for s in sources):
-        meta = json.loads((run_dir / "runtime" / "runtime.json").read_text())
-        bb = backbone.load(model or meta.get("model"), meta.get("adapter_dir"))
+    bb = run_backbone(run_dir, sources, model)
     out_dir = run_dir / "ane" if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    modules = {}
+    exported = {}
     for src in sources:
         start = time.perf_counter()
         mod = load_module(src, bb, run_dir, positions)
-        spec = mod.spec
-        entry = coreml.export(spec, out_dir, positions)
+        entry = coreml.export(mod.spec, out_dir, positions)
         entry["export_seconds"] = time.perf_counter() - start
-        entry["parity"] = check(spec, out_dir / entry["package"], mod.inputs, mod.reference(), positions)
+        entry["parity"] = check(mod.spec, out_dir / entry["package"], mod.inputs, mod.reference(), positions)
         entry["source"] = str(src.path.relative_to(run_dir))
-        modules[spec.name] = entry
+        exported[mod.spec.name] = entry
         if progress is not None:
-            progress(spec.name, entry)
-    record = {"positions": positions, "modules": modules, "coremltools": _ct_version(),
+            progress(mod.spec.name, entry)
+    record = {"positions": positions, "modules": exported, "coremltools": _ct_version(),
               "macos_only": ["Core ML prediction parity", "decision agreement through Core ML",
                              "latency per compute unit", "Neural Engine placement", "energy (powermetrics)"]}
     io.write_json(out_dir / "export.json", record)
     return record
+
+
+def packaged_modules(run_dir, out_dir, record: dict, model: str | None = None):
+    """(Loaded, package path) for every package of an export record, each paired with the run's
+    current head files and refused (AGPError) when it was exported from other weights."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    sources = available(run_dir, sorted({_kind(name) for name in record["modules"]}))
+    bb = run_backbone(run_dir, sources, model)
+    for src in sources:
+        mod = load_module(src, bb, run_dir, record["positions"])
+        entry = record["modules"].get(mod.spec.name)
+        if entry is None:
+            raise AGPError(f"{mod.spec.name} has no package in {out_dir} (the run gained it after the export); "
+                           f"re-export with `agp export coreml`")
+        package = out_dir / entry["package"]
+        coreml.check_provenance(coreml.read_back(package), package, mod.spec.source_sha256)
+        yield mod, package
+
+
+def read_record(out_dir: Path) -> dict:
+    path = Path(out_dir) / "export.json"
+    if not path.exists():
+        raise AGPError(f"no export record at {path}; run `agp export coreml` first")
+    return json.loads(path.read_text())
+
+
+def verify_run(run_dir, out_dir=None, model: str | None = None) -> dict:
+    """Re-check saved packages against the run's current heads without re-exporting: {module: check}."""
+    out_dir = Path(run_dir) / "ane" if out_dir is None else Path(out_dir)
+    record = read_record(out_dir)
+    return {mod.spec.name: check(mod.spec, package, mod.inputs, mod.reference(), record["positions"])
+            for mod, package in packaged_modules(run_dir, out_dir, record, model)}
+
+
+def coreml_parity(run_dir, out_dir, record: dict, compute_units: str, model: str | None = None) -> dict:
+    """{module: per-output parity} of Core ML's own prediction on `compute_units` against MLX, for
+    every package of an export record (macOS only: `coreml.load_model` refuses elsewhere)."""
+    out = {}
+    for mod, package in packaged_modules(run_dir, out_dir, record, model):
+        got = coreml.predict(package, {n: coreml.to_channels_first(v) for n, v in mod.inputs.items()}, compute_units)
+        out[mod.spec.name] = compare(got, mod.reference())
+    return out
+
+
+def _kind(module_name: str) -> str:
+    """The head kind a package name comes from (exit_L6 -> exit, revive_L6 -> revive)."""
+    return module_name.split("_L")[0]
+
+
+def run_backbone(run_dir: Path, sources, model: str | None = None):
+    """The backbone the run's heads were made on (None when only the controller is wanted: it
+    reads saved feature rows, not the model)."""
+    from agp.backbone import backbone
+    if all(s.kind == "controller" for s in sources):
+        return None
+    path = Path(run_dir) / "runtime" / "runtime.json"
+    if not path.exists():
+        raise AGPError(f"run {run_dir} has no runtime stage record (the backbone its heads were made on); "
+                       f"run `agp run --stage runtime` first")
+    meta = json.loads(path.read_text())
+    return backbone.load(model or meta.get("model"), meta.get("adapter_dir"))
 
 
 def _ct_version() -> str:

@@ -7,6 +7,7 @@ from agp.errors import AGPError
 
 # target -> module exposing `add_arguments(parser)` and `main(args) -> int`
 TARGETS = {
+    "ane": "agp.bench.ane",
     "baseline": "agp.bench.baseline",
     "codecs": "agp.bench.codecs",
     "index": "agp.bench.index",
