@@ -156,3 +156,28 @@ def test_export_verify_refuses_a_package_whose_head_changed(tiny_run, tmp_path, 
     assert main(["export", "coreml", "--run", str(copy), "--model", model, "--verify"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exported from other weights" in err[0] and "re-export" in err[0], err
+
+
+def test_controller_sidecar_is_checked_before_core_ml_is_asked(tiny_run, tmp_path, capsys):
+    """`agp generate --mode routed --controller-on CPU_AND_NE`: the package must decide one position
+    per call and come from the run's controller; off macOS it then stops with the reason."""
+    pytest.importorskip("coremltools", reason="Core ML export needs coremltools (./install.sh --dev)")
+    import platform
+    import shutil
+    run, model = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run.path, copy)
+    gen = ["generate", "the cat", "--run", str(copy), "--model", model, "--max-new-tokens", "3"]
+    assert main(["export", "coreml", "--run", str(copy), "--model", model, "--heads", "controller", "--positions", "4"]) == 0
+    capsys.readouterr()
+    assert main([*gen, "--mode", "routed", "--controller-on", "CPU_AND_NE"]) == 2
+    assert "one per token" in capsys.readouterr().err
+    assert main([*gen, "--mode", "full", "--controller-on", "CPU_AND_NE"]) == 2
+    assert "applies to mode routed" in capsys.readouterr().err
+    assert main(["export", "coreml", "--run", str(copy), "--model", model, "--heads", "controller", "--positions", "1"]) == 0
+    capsys.readouterr()
+    rc = main([*gen, "--mode", "routed", "--controller-on", "CPU_AND_NE"])
+    if platform.system() == "Darwin":
+        assert rc == 0
+    else:
+        assert rc == 2 and "needs macOS" in capsys.readouterr().err

@@ -30,6 +30,10 @@ def add_parser(sub):
                    help="entropy/routed: KV of the layers an exited token skipped — catchup (run them later, "
                         "batched with the next deeper token; exact for the exited state) or propagate (CALM: "
                         "fill only their K/V from the exited state now; saves their MACs, approximate KV)")
+    p.add_argument("--controller-on", default="mlx", choices=("mlx", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"),
+                   help="routed: run the controller in MLX (default) or from its Core ML package on these compute "
+                        "units (macOS; CPU_AND_NE is the Neural Engine sidecar; export it first with "
+                        "`agp export coreml --heads controller --positions 1`)")
     p.add_argument("--json", action="store_true", help="print the events and the summary as JSON lines instead of text")
     p.set_defaults(func=main)
 
@@ -59,7 +63,8 @@ def main(args) -> int:
     if args.threshold is not None:
         ga.draft_min_confidence = ga.entropy_threshold = args.threshold
     prompt = read_prompt(args)
-    gen: Generator = open_generator(args.mode, ga, run_dir=args.run, model=args.model)
+    units = None if args.controller_on == "mlx" else args.controller_on
+    gen: Generator = open_generator(args.mode, ga, run_dir=args.run, model=args.model, controller_units=units)
     out = sys.stdout
     try:
         for ev in gen.generate(prompt):
