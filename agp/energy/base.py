@@ -1,6 +1,7 @@
 """The meter interface every energy source shares, the `Reading` it returns, and energy per unit of work."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -33,17 +34,18 @@ class Reading:
         return {**asdict(self), "label": self.label}
 
 
-class Meter:
-    """start() opens a window, stop() closes it and returns its Reading. One window at a time."""
+class Meter(ABC):
+    """start() opens a window, stop() closes it and returns its Reading. One window at a time.
+    An unusable meter raises EnergyUnavailable from its constructor, before any window opens."""
     source = ""
     unit = "J"
     is_proxy = False
 
-    def start(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def start(self) -> None: ...
 
-    def stop(self) -> Reading:
-        raise NotImplementedError
+    @abstractmethod
+    def stop(self) -> Reading: ...
 
     @contextmanager
     def window(self):
