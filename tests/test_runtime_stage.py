@@ -36,6 +36,8 @@ def test_runtime_stage_writes_heads_bench_and_report(tiny_run):
     assert spec and all(r["vs_full"]["identical"] for r in spec)
     assert max(r["prompt_tokens"] for r in spec) == 300
     assert all(r["vs_anchor"]["identical"] for r in runs if r["mode"] == "full")
+    assert all(r["energy"]["total"] >= 0 and r["energy"]["unit"] for r in runs)      # every run metered
+    assert m["bench"]["energy"]["source"] and all("energy_per_token" in r for r in m["bench"]["table"])
     modes = {r["mode"] for r in m["bench"]["table"]}
     assert {"mlx_lm.generate", "full", "speculative", "routed", "exit:2"} <= modes
     assert {r["vocab"] for r in m["sweep"]} >= {128, 384}
@@ -83,3 +85,6 @@ def test_bench_runtime_reads_the_run(tiny_run, capsys):
     assert main(["bench", "runtime", "--run", str(run.path), "--prompts", "1", "--new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "speculative" in out and "mlx_lm.generate" in out and "profile (ms)" in out
+    # one energy block with its unit; the CPU-seconds proxy says so on every header
+    assert "energy: " in out and "/token" in out
+    assert ("(proxy)" in out) == ("cpu-seconds proxy" in out)

@@ -1,7 +1,8 @@
-"""Runtime modes vs mlx_lm.generate on held-out prompts (tok/s ratios, MACs, acceptance, agreement)."""
+"""Runtime modes vs mlx_lm.generate on held-out prompts (tok/s ratios, MACs, acceptance, agreement, energy)."""
 from __future__ import annotations
 
 import json
+import sys
 
 
 def add_arguments(p):
@@ -10,18 +11,26 @@ def add_arguments(p):
     p.add_argument("--prompts", type=int, default=3, help="held-out prompts (plus one over 600 tokens; default 3)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per prompt and mode (default 32)")
     p.add_argument("--lossy-prompts", type=int, default=1, help="prompts the lossy modes also decode (default 1)")
+    from agp.energy.meter import CHOICES
+    p.add_argument("--energy", default="auto", choices=CHOICES,
+                   help="energy meter around each run's decode: powermetrics (macOS, needs sudo), rapl (Linux), "
+                        "cpu (CPU-seconds proxy); auto picks the best available (default auto)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
 def main(args) -> int:
     from agp import runs
     from agp.backbone import load
+    from agp.energy.meter import choose
     from agp.errors import AGPError
     from agp.runtime import heads as H
     from agp.train import runtime as R
 
     if args.prompts < 1 or args.new_tokens < 1:
         raise AGPError("--prompts and --new-tokens must be at least 1")
+    energy = choose(args.energy)
+    if energy[1]["unavailable"]:
+        print(f"energy unavailable: {energy[1]['unavailable']}", file=sys.stderr)   # before minutes of benchmark
     run = runs.Run(args.run) if args.run else runs.latest_run()
     meta = H.backbone_source(run)
     bb = load(args.model or meta.get("model"), adapter=meta.get("adapter_dir"))
@@ -31,9 +40,9 @@ def main(args) -> int:
                         draft_max=meta.get("draft_max", 4), draft_min_confidence=meta.get("draft_min_confidence", 0.3))
     recorded = (run.stage("runtime").get("metrics") or {}).get("config") or {}
     cfg.long_prompt_tokens = int(recorded.get("long_prompt_tokens", cfg.long_prompt_tokens))   # as the stage did
-    bench = R.benchmark(bb, heads, R.bench_prompts(bb, R.source_rows(run), cfg), cfg)
+    bench = R.benchmark(bb, heads, R.bench_prompts(bb, R.source_rows(run), cfg), cfg, energy=energy)
     if args.json:
-        print(json.dumps({"table": bench.table, "profile": bench.profile}, indent=2))
+        print(json.dumps({"table": bench.table, "profile": bench.profile, "energy": bench.energy}, indent=2))
         return 0
     names = ", ".join(f"{p['name']}={p['tokens']}" for p in bench.prompts)
     print(f"prompts: {names}; {args.new_tokens} new tokens")
@@ -51,4 +60,22 @@ def main(args) -> int:
             f"{k} {spec['tok_s_ratio_per_prompt'][k]:.2f} {f(v, '{:.2f}')} {f(spec['tokens_per_round_per_prompt'][k], '{:.2f}')}"
             for k, v in spec["acceptance_per_prompt"].items()))
     print("profile (ms): " + ", ".join(f"{k}={v:.1f}" for k, v in bench.profile.items() if v is not None))
+    print_energy(bench)
     return 0
+
+
+def print_energy(bench) -> None:
+    """The energy block: its unit on every header, "(proxy)" wherever the meter is the CPU-seconds proxy."""
+    e = bench.energy
+    if e.get("unavailable"):
+        print(f"energy: unavailable ({e['unavailable']})")
+        return
+    proxy = " (proxy)" if e.get("is_proxy") else ""
+    print(f"energy: {e.get('source')}, unit {e.get('unit')}{proxy}" + "".join(f"\n  {n}" for n in e.get("notes", [])))
+    u = e.get("unit")
+    f = lambda x, s="{:.4g}": "-" if x is None else s.format(x)  # noqa: E731
+    print(f"{'mode':<26}{f'{u}/token{proxy}':>22}{f'{u}/accepted token{proxy}':>31}{f'{u}/decision{proxy}':>25}"
+          f"{'x full':>8}")
+    for r in bench.table:
+        print(f"{r['mode']:<26}{f(r.get('energy_per_token')):>22}{f(r.get('energy_per_accepted_token')):>31}"
+              f"{f(r.get('energy_per_decision')):>25}{f(r.get('energy_ratio_vs_full'), '{:.2f}'):>8}")

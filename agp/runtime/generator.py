@@ -63,6 +63,7 @@ class Generator:
         self.decoder = cls(bb, self.costs, heads, self.args)
         self.mode = getattr(self.decoder, "name", mode)
         self.summary = Summary(mode=self.mode, n_layers=bb.n_layers)
+        self.on_prefilled = None     # called once prefill is done, before decode time starts (energy windows)
 
     def encode(self, prompt) -> list[int]:
         limit = self.bb.config.get("max_position_embeddings", 32768)
@@ -84,6 +85,8 @@ class Generator:
         detok = self.bb.tokenizer.detokenizer
         detok.reset()
         eos = set(getattr(self.bb.tokenizer, "eos_token_ids", None) or [])
+        if self.on_prefilled is not None:
+            self.on_prefilled()
         position, t1, done = len(ids), time.perf_counter(), False
         while not done and s.tokens < self.args.max_new_tokens:
             r = self.decoder.round(self.args.max_new_tokens - s.tokens)

@@ -346,6 +346,7 @@ class Bench:
     runs: list                       # one dict per (mode, prompt)
     table: list                      # one dict per mode: aggregates and ratios vs the anchor
     profile: dict
+    energy: dict = field(default_factory=dict)   # the meter every run used: source, unit, is_proxy, notes
 
 
 def bench_prompts(bb, rows: dict, cfg: RuntimeArgs) -> list[tuple[str, list[int]]]:
@@ -376,9 +377,14 @@ def lossy_modes(heads, cfg: RuntimeArgs) -> list[tuple[str, dict]]:
     return modes
 
 
-def benchmark(bb, heads, prompts, cfg: RuntimeArgs) -> Bench:
+def benchmark(bb, heads, prompts, cfg: RuntimeArgs, energy="auto") -> Bench:
+    """Every mode on every prompt (lossy modes on the first cfg.lossy_prompts), each measured run's
+    decode inside one energy window. `energy` is a meter name for agp.energy.meter.choose, or what
+    it returned; an unavailable meter leaves energy None and the reason in Bench.energy."""
+    from agp.energy.meter import choose
     from agp.runtime.generator import GenerateArgs
     from agp.runtime.measure import agreement, run_anchor, run_mode
+    meter, energy_info = choose(energy) if isinstance(energy, str) else energy   # one meter for every run
     n = cfg.bench_new_tokens
     spec_args = dict(draft_max=heads.meta.get("draft_max", cfg.draft_max),
                      draft_min_confidence=heads.meta.get("draft_min_confidence", cfg.draft_min_confidence))
@@ -394,27 +400,30 @@ def benchmark(bb, heads, prompts, cfg: RuntimeArgs) -> Bench:
     todo = len(prompts) * (3 + len(others)) + n_lossy * len(lossy)
     with tqdm(total=todo, desc="benchmark (modes x prompts)", unit="run") as bar:
         for i, (name, ids) in enumerate(prompts):
-            anchor = run_anchor(bb, ids, n, name)
+            anchor = run_anchor(bb, ids, n, name, meter)
             bar.update(1)
-            full = run_mode(bb, "full", None, ids, n, name)
+            full = run_mode(bb, "full", None, ids, n, name, meter=meter)
             bar.update(1)
-            spec = run_mode(bb, "speculative", heads, ids, n, name, GenerateArgs(**spec_args))
+            spec = run_mode(bb, "speculative", heads, ids, n, name, GenerateArgs(**spec_args), meter)
             bar.update(1)
             group = [("mlx_lm.generate", anchor, {}), ("full", full, {}), ("speculative", spec, spec_args)]
             for mode, kw in others:
-                group.append((mode, run_mode(bb, mode, heads, ids, n, name, GenerateArgs(**kw)), kw))
+                group.append((mode, run_mode(bb, mode, heads, ids, n, name, GenerateArgs(**kw), meter), kw))
                 bar.update(1)
             if i < n_lossy:
                 for mode, kw in lossy:
-                    group.append((_label(mode, kw), run_mode(bb, mode, heads, ids, n, name, GenerateArgs(**kw)), kw))
+                    group.append((_label(mode, kw), run_mode(bb, mode, heads, ids, n, name, GenerateArgs(**kw), meter),
+                                  kw))
                     bar.update(1)
             for label, r, kw in group:
                 runs.append({"mode": label, "prompt": name, "prompt_tokens": r.prompt_tokens, "tokens": r.tokens,
                              "tok_s": r.tok_s, "anchor_tok_s": anchor.tok_s, "step_ms": r.step_ms,
                              "vs_full": agreement(r.tokens, full.tokens),
-                             "vs_anchor": agreement(r.tokens, anchor.tokens), "summary": r.summary, "args": kw})
+                             "vs_anchor": agreement(r.tokens, anchor.tokens), "summary": r.summary, "args": kw,
+                             "energy": r.energy})
     return Bench([{"name": nm, "tokens": len(ids)} for nm, ids in prompts], runs, summarise(runs),
-                 profile_components(bb, heads, prompts[0][1]))
+                 profile_components(bb, heads, prompts[0][1]),
+                 energy_info)
 
 
 def _label(mode: str, kw: dict) -> str:
@@ -428,7 +437,8 @@ def _label(mode: str, kw: dict) -> str:
 
 def summarise(runs: list[dict]) -> list[dict]:
     """Per mode: mean tok/s ratio vs the anchor (and per prompt), ms/token p50/p95, MAC and
-    weight-read ratios vs full depth, mean layers, agreement with full depth, acceptance."""
+    weight-read ratios vs full depth, mean layers, agreement with full depth, acceptance, and the
+    energy fields (energy_fields; energy_ratio_vs_full is energy per token over full depth's)."""
     from agp.runtime.measure import percentile
     table = []
     for mode in dict.fromkeys(r["mode"] for r in runs):
@@ -455,8 +465,37 @@ def summarise(runs: list[dict]) -> list[dict]:
             "tokens_per_round_per_prompt": {r["prompt"]: r["summary"].get("tokens_per_round") for r in rs} if drafted else None,
             "tokens_per_round": mean("tokens_per_round") if drafted else None,
             "actions": {k: sum(x["actions"].get(k, 0) for x in s) for k in sorted({k for x in s for k in x.get("actions", {})})},
+            **energy_fields(rs),
         })
+    full = next((t for t in table if t["mode"] == "full"), None)
+    for t in table:
+        ok = full is not None and t["energy_per_token"] is not None and full["energy_per_token"]
+        t["energy_ratio_vs_full"] = t["energy_per_token"] / full["energy_per_token"] if ok else None
     return table
+
+
+def energy_fields(rs: list[dict]) -> dict:
+    """One mode's energy over its runs: per emitted token, per accepted token, per routing decision.
+    Accepted tokens are the emitted tokens that agree with full depth token for token (the run's
+    vs_full agreement x its tokens), so a lossy mode's wrong tokens do not count as work done. A
+    routing decision is one controller call: the routed actions (ROUTES) in the run's summary;
+    no other mode's summary counts controller decisions (entropy's confidence test is not one),
+    so theirs is None."""
+    from agp.energy.base import per_unit
+    from agp.oracle.labels import ROUTES
+    got = [r for r in rs if r.get("energy")]
+    if not got:
+        return {"energy_source": None, "energy_unit": None, "energy_is_proxy": None, "energy_total": None,
+                "energy_per_token": None, "energy_per_accepted_token": None, "energy_per_decision": None}
+    e = got[0]["energy"]
+    total = {**e, "total": sum(r["energy"]["total"] for r in got)}
+    tokens = sum(len(r["tokens"]) for r in got)
+    accepted = sum(r["vs_full"]["agreement"] * len(r["tokens"]) for r in got)
+    decisions = sum((r["summary"] or {}).get("actions", {}).get(a, 0) for r in got for a in ROUTES)
+    u = per_unit(total, tokens, accepted, decisions)
+    return {"energy_source": e["source"], "energy_unit": u["unit"], "energy_is_proxy": e["is_proxy"],
+            "energy_total": u["total"], "energy_per_token": u["per_token"],
+            "energy_per_accepted_token": u["per_accepted_token"], "energy_per_decision": u["per_decision"]}
 
 
 def profile_components(bb, heads, ids: list[int]) -> dict:
@@ -591,7 +630,7 @@ def run(run, args) -> dict:
     t = time.perf_counter()
     bench = benchmark(bb, heads, bench_prompts(bb, src.rows, cfg), cfg)
     timings["benchmark_s"] = time.perf_counter() - t
-    io.write_json(out / "bench.json", {"runs": bench.runs, "table": bench.table})
+    io.write_json(out / "bench.json", {"runs": bench.runs, "table": bench.table, "energy": bench.energy})
     io.write_json(out / "sweep.json", {"rows": sweep.rows, "choice_table": choice.table})
     metrics = {"config": cfg.to_dict(), "backbone": "adapter" if src.adapter_dir else "base",
                "adapter_dir": src.adapter_dir, "model_fingerprint": bb.fingerprint, "runtime": meta,
@@ -601,7 +640,8 @@ def run(run, args) -> dict:
                                                "draft_min_confidence": choice.draft_min_confidence,
                                                "draft_max": choice.draft_max,
                                                "expected_speedup": choice.expected_speedup},
-               "bench": {"prompts": bench.prompts, "table": bench.table, "profile": bench.profile},
+               "bench": {"prompts": bench.prompts, "table": bench.table, "profile": bench.profile,
+                         "energy": bench.energy},
                "teacher_forced": {"positions": frontier.positions, "points": frontier.points},
                "states": {"train_positions": int(len(train.hidden[bb.n_layers])),
                           "valid_positions": int(len(valid.hidden[bb.n_layers])),
