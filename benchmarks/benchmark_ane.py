@@ -1,5 +1,5 @@
-"""Core ML export of the shallow heads: export time per module (time_), package size and wiring
-error (track_), and on macOS Core ML prediction time per compute unit at S = 8 (time_predict).
+"""Core ML export of the shallow heads: export time per head kind (time_; `exit` exports every
+exit head, `depth` every depth module), package size and wiring error of its first module (track_), and on macOS Core ML prediction time per compute unit at S = 8 (time_predict).
 
 Reads a finished run (env AGP_RUN, else runs/latest) with its controller and runtime stages.
 Without one, or without coremltools, the benchmarks are skipped (asv reports them as not run).
@@ -31,7 +31,7 @@ class Export:
     timeout = 600
     number = 1
     repeat = 3
-    params = ["controller", "exit"]
+    params = ["controller", "exit", "depth", "revive", "draft"]
     param_names = ["head"]
 
     def setup_cache(self):
@@ -41,8 +41,12 @@ class Export:
         return path, export_run(path, out_dir=out, positions=POSITIONS), out
 
     def setup(self, cache, head):
+        from agp.ane.export import module_kind
         self.path, self.record, self.out = cache
-        self.name = "controller" if head == "controller" else next(n for n in self.record["modules"] if n.startswith("exit_L"))
+        names = [n for n in self.record["modules"] if module_kind(n) == head]
+        if not names:
+            raise NotImplementedError(f"the run has no {head} head (its stage has not run)")
+        self.name = names[0]
 
     def time_export(self, cache, head):
         from agp.ane.export import export_run

@@ -177,7 +177,10 @@ def test_controller_sidecar_is_checked_before_core_ml_is_asked(tiny_run, tmp_pat
     assert main(["export", "coreml", "--run", str(copy), "--model", model, "--heads", "controller", "--positions", "1"]) == 0
     capsys.readouterr()
     rc = main([*gen, "--mode", "routed", "--controller-on", "CPU_AND_NE"])
+    bench = main(["bench", "runtime", "--run", str(copy), "--model", model, "--prompts", "1", "--new-tokens", "2",
+                  "--controller-on", "CPU_AND_NE"])
     if platform.system() == "Darwin":
-        assert rc == 0
+        assert rc == 0 and bench == 0
     else:
-        assert rc == 2 and "needs macOS" in capsys.readouterr().err
+        assert rc == 2 and bench == 2
+        assert capsys.readouterr().err.count("needs macOS") == 2

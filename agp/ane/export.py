@@ -282,7 +282,7 @@ def packaged_modules(run_dir, out_dir, record: dict, model: str | None = None):
     """(Loaded, package path) for every package of an export record, each paired with the run's
     current head files and refused (AGPError) when it was exported from other weights."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    sources = available(run_dir, sorted({_kind(name) for name in record["modules"]}))
+    sources = available(run_dir, sorted({module_kind(name) for name in record["modules"]}))
     bb = run_backbone(run_dir, sources, model)
     for src in sources:
         mod = load_module(src, bb, run_dir, record["positions"])
@@ -320,7 +320,7 @@ def coreml_parity(run_dir, out_dir, record: dict, compute_units: str, model: str
     return out
 
 
-def _kind(module_name: str) -> str:
+def module_kind(module_name: str) -> str:
     """The head kind a package name comes from (exit_L6 -> exit, revive_L6 -> revive)."""
     return module_name.split("_L")[0]
 

@@ -49,3 +49,19 @@ def serve_controller(run_dir, controller: tuple, compute_units: str) -> tuple:
                        f"re-export it with {export_hint}")
     coreml.check_provenance(rb, package, available(run_dir, ["controller"])[0].sha256())
     return CoreMLController(ctl, package, compute_units), calib
+
+
+def compare_loops(bb, heads, sidecar_heads, prompts, new_tokens: int, meter=None) -> list[dict]:
+    """The routed loop with the controller in MLX and on the sidecar, on the same prompts in one
+    process: tok/s of each (does serving the controller elsewhere free the trunk?), whether the
+    two emit the same tokens (the decisions survive fp16 Core ML), and each run's energy."""
+    from agp.runtime.measure import agreement, run_mode
+    rows = []
+    for name, ids in prompts:
+        mlx = run_mode(bb, "routed", heads, ids, new_tokens, name, meter=meter)
+        side = run_mode(bb, "routed", sidecar_heads, ids, new_tokens, name, meter=meter)
+        rows.append({"prompt": name, "mlx_tok_s": mlx.tok_s, "sidecar_tok_s": side.tok_s,
+                     "sidecar_speedup": side.tok_s / mlx.tok_s if mlx.tok_s else None,
+                     "same_tokens": agreement(side.tokens, mlx.tokens), "mlx_energy": mlx.energy,
+                     "sidecar_energy": side.energy})
+    return rows

@@ -15,6 +15,10 @@ def add_arguments(p):
     p.add_argument("--energy", default="auto", choices=CHOICES,
                    help="energy meter around each run's decode: powermetrics (macOS, needs sudo), rapl (Linux), "
                         "cpu (CPU-seconds proxy); auto picks the best available (default auto)")
+    p.add_argument("--controller-on", default="mlx", choices=("mlx", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"),
+                   help="also run the routed loop with the controller served from its Core ML package on these "
+                        "compute units, against the MLX controller (macOS; export it first with "
+                        "`agp export coreml --heads controller --positions 1`)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
@@ -36,13 +40,20 @@ def main(args) -> int:
     bb = load(args.model or meta.get("model"), adapter=meta.get("adapter_dir"))
     mode = "routed" if run.stage("controller").get("status") == "done" else "speculative"
     heads = H.load(run, bb, mode)
+    sidecar = sidecar_heads(run, heads, args.controller_on)      # refused before minutes of benchmark
     cfg = R.RuntimeArgs(bench_prompts=args.prompts, bench_new_tokens=args.new_tokens, lossy_prompts=args.lossy_prompts,
                         draft_max=meta.get("draft_max", 4), draft_min_confidence=meta.get("draft_min_confidence", 0.3))
     recorded = (run.stage("runtime").get("metrics") or {}).get("config") or {}
     cfg.long_prompt_tokens = int(recorded.get("long_prompt_tokens", cfg.long_prompt_tokens))   # as the stage did
-    bench = R.benchmark(bb, heads, R.bench_prompts(bb, R.source_rows(run), cfg), cfg, energy=energy)
+    prompts = R.bench_prompts(bb, R.source_rows(run), cfg)
+    bench = R.benchmark(bb, heads, prompts, cfg, energy=energy)
+    loops = None
+    if sidecar is not None:
+        from agp.ane.sidecar import compare_loops
+        loops = compare_loops(bb, heads, sidecar, prompts[:max(1, args.lossy_prompts)], args.new_tokens, energy[0])
     if args.json:
-        print(json.dumps({"table": bench.table, "profile": bench.profile, "energy": bench.energy}, indent=2))
+        print(json.dumps({"table": bench.table, "profile": bench.profile, "energy": bench.energy,
+                          "controller_sidecar": loops}, indent=2))
         return 0
     names = ", ".join(f"{p['name']}={p['tokens']}" for p in bench.prompts)
     print(f"prompts: {names}; {args.new_tokens} new tokens")
@@ -61,7 +72,22 @@ def main(args) -> int:
             for k, v in spec["acceptance_per_prompt"].items()))
     print("profile (ms): " + ", ".join(f"{k}={v:.1f}" for k, v in bench.profile.items() if v is not None))
     print_energy(bench)
+    if loops:
+        print(f"routed loop, controller on Core ML {args.controller_on} vs on MLX (tok/s ratio, same tokens): " + "; ".join(
+            f"{r['prompt']} {r['sidecar_speedup']:.2f} {r['same_tokens']['agreement']:.3f}" for r in loops))
     return 0
+
+
+def sidecar_heads(run, heads, controller_on: str):
+    """A copy of the routed heads with the controller on the Core ML sidecar, or None for mlx."""
+    import dataclasses
+    if controller_on == "mlx":
+        return None
+    from agp.ane.sidecar import serve_controller
+    from agp.errors import AGPError
+    if heads.controller is None:
+        raise AGPError("--controller-on needs the stage-2 controller; run `agp run --stage controller`")
+    return dataclasses.replace(heads, controller=serve_controller(run.path, heads.controller, controller_on))
 
 
 def print_energy(bench) -> None:
