@@ -22,9 +22,14 @@ Two constants are stored folded, because coremltools' passes would fold them any
 weight-parity check compares what is stored: a standardisation as `mean` and `inv_std = 1 / std`
 (a multiply, not a divide), and Gemma's RMSNorm gain as `<norm>_gain = 1 + w`.
 
-Gemma's residual states reach |h| ~ 1e3, whose square overflows fp16 (max 65504): an RMSNorm over
-a residual state squares h / 256 instead (the same norm in exact arithmetic; eps scaled to match,
-and it underflows to 0 in fp16, which changes nothing measurable next to Gemma's state norms).
+Gemma's residual states reach |h| ~ 3e4 (and a translator maps an early state to that final
+scale), so their squares, and near the end the states themselves, leave fp16's range (max 65504):
+every RMSNorm over a residual state, and every translator in front of one, works on h / 1024
+instead (the same norm in exact arithmetic, since it is scale-free; eps scaled to match, which
+underflows to 0 in fp16 and changes nothing measurable next to Gemma's state norms). The
+translator's bias is stored / 1024 to match (exact: a power of two). The multiply goes *before*
+a translator conv: after it, coremltools would fuse it into the conv weights, and W / 1024
+would lose its small entries to fp16's subnormals.
 The draft head's embedding input is of unit scale and is not prescaled: its squares are far from
 overflow and would lose precision to fp16's subnormals if divided. Whether any intermediate leaves
 fp16's range on real inputs is checked at export (`coreml.evaluate` records every op's range).
@@ -37,7 +42,7 @@ import numpy as np
 
 from agp.errors import AGPError
 
-RESIDUAL_PRESCALE = 256.0      # power of two: exact in fp16; see the module docstring
+RESIDUAL_PRESCALE = 1024.0     # power of two: exact in fp16; see the module docstring
 
 
 @dataclass
@@ -143,18 +148,27 @@ def controller_spec(ctl, source_sha256: str) -> ModuleSpec:
 
 
 def exit_spec(head, source_sha256: str) -> ModuleSpec:
-    """A shortlist exit head (agp.heads.exit.ExitHead) with the backbone's final norm."""
+    """A shortlist exit head (agp.heads.exit.ExitHead) with the backbone's final norm:
+    h + h W + b on h / 1024 (the module docstring says why), RMSNorm, shortlist rows + bias."""
     par = head.params
-    w = {"translator_w": matmul_as_conv(par.W), "translator_b": f16(par.b), **norm_weights(head.norm, "norm"),
+    w = {"translator_w": matmul_as_conv(par.W), "translator_b": prescaled_bias(par.b), **norm_weights(head.norm, "norm"),
          "rows": shortlist_rows(head.rows), "row_bias": f16(par.bias)}
-    eps = float(getattr(head.norm, "eps", 1e-6))
+    eps = float(getattr(head.norm, "eps", 1e-6)) / RESIDUAL_PRESCALE ** 2
 
     def build(mb, x):
-        h = x["x"]
+        h = prescale(mb, x["x"])
         t = mb.add(x=h, y=conv(mb, h, w, "translator_w", "translator_b"), name="translated")
-        return shortlist_outputs(mb, rms_norm(mb, t, w, "norm", eps, RESIDUAL_PRESCALE), w, "row_bias")
+        return shortlist_outputs(mb, rms_norm(mb, t, w, "norm", eps, 1.0), w, "row_bias")
 
     return ModuleSpec(f"exit_L{head.layer}", {"x": head.hidden}, ["logits", "top1", "p1"], w, source_sha256, build)
+
+
+def prescaled_bias(b) -> np.ndarray:
+    return f16(np.asarray(b, np.float32) / RESIDUAL_PRESCALE)
+
+
+def prescale(mb, x, name: str = "prescaled"):
+    return mb.mul(x=x, y=np.float16(1.0 / RESIDUAL_PRESCALE), name=name)
 
 
 def depth_weights(module) -> dict:
@@ -203,18 +217,13 @@ def revive_spec(reviver, source_sha256: str, positions: int) -> ModuleSpec:
     module, dec = reviver.module, reviver.decoder
     if dec.W is None:
         raise AGPError("the revive operation has no translator; rerun `agp run --stage depth`")
-    # The norm's prescale goes before the translator (bias stored / 256, exact in fp16): after it,
-    # coremltools would fuse the multiply into the conv weights, and W / 256 would lose its small
-    # entries to fp16's subnormals.
-    w = {**depth_weights(module), "translator_w": matmul_as_conv(dec.W),
-         "translator_b": f16(np.asarray(dec.b, np.float32) / RESIDUAL_PRESCALE),
+    w = {**depth_weights(module), "translator_w": matmul_as_conv(dec.W), "translator_b": prescaled_bias(dec.b),
          **norm_weights(dec.norm, "norm"), "rows": shortlist_rows(dec.rows)}
     eps = float(getattr(dec.norm, "eps", 1e-6)) / RESIDUAL_PRESCALE ** 2
 
     def build(mb, x):
         routed = depth_mixture(mb, x["x"], w, module, positions)
-        scaled = mb.mul(x=routed, y=np.float16(1.0 / RESIDUAL_PRESCALE), name="prescaled")
-        t = conv(mb, scaled, w, "translator_w", "translator_b", name="translated")
+        t = conv(mb, prescale(mb, routed), w, "translator_w", "translator_b", name="translated")
         return shortlist_outputs(mb, rms_norm(mb, t, w, "norm", eps, 1.0), w, None)
 
     return ModuleSpec(f"revive_L{module.layer}", {"x": len(module.sources) * module.hidden},

@@ -1,0 +1,118 @@
+"""Move a boundary state to a second host and resume the model there (stage 5, transfer).
+
+The split at boundary b: the sender owns layers [0, b) and its own KV cache; for each new span of
+positions it computes their states after b blocks. The wire carries a span's states encoded with
+one codec, framed as an AGP-PTP packet (identity + payload, docs/ptp.md) and accepted by a
+`Receiver` (fingerprints, codec, replay window). The resumer owns layers [b, L) and the head with
+*its own* KV cache, built only from the transferred states of every span it accepted — so codec
+error compounds through its KV exactly as it would across hosts, instead of being measured on
+one position against a clean cache.
+
+A session is a sequence of spans. The resumer refuses, with a typed error and before touching its
+cache, a span that does not start where the previous one ended (a gap, a duplicate, out of
+order), a state for another boundary layer, and anything the Receiver refuses (another model or
+tokenizer, an unknown codec, a replayed sequence number).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from agp.ptp.errors import PTPError
+from agp.quant.registry import make_codec
+
+SENDER, RESUMER = "agp-sender", "agp-resumer"
+
+
+class SpanGap(PTPError):
+    """A span that does not continue the session (gap, duplicate or out of order)."""
+    reason = "span"
+
+
+class WrongBoundary(PTPError):
+    """A state for another boundary layer than the resumer's."""
+    reason = "layer"
+
+
+def backbone_quantization(bb) -> str:
+    """The identity section's backbone quantization: mlx-q4/mlx-q8 for mlx-quantized weights,
+    q4_k_m for the embedded GGUF conversion, else the float type the weights are stored in."""
+    from agp.backbone import embedded
+    q = bb.config.get("quantization")
+    if isinstance(q, dict) and q.get("bits") in (4, 8):
+        return f"mlx-q{q['bits']}"
+    if Path(bb.path).name.startswith(embedded.NAME):
+        return "q4_k_m"
+    return {"float16": "f16", "bfloat16": "bf16"}.get(bb.config.get("torch_dtype"), "f32")
+
+
+@dataclass
+class Wire:
+    """One codec on the wire between a sender and a resumer at boundary `layer`."""
+    bb: object
+    layer: int
+    codec: str
+    session: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        self._codec = make_codec(self.codec, self.bb.hidden_size, self.seed)
+        self._seq = 0
+
+    def packet(self, states: np.ndarray, start: int) -> bytes:
+        """The AGP-PTP packet carrying the states [n, H] of positions start .. start + n - 1."""
+        from agp.ptp.packet import encode_packet
+        from agp.ptp.sections import Identity, Packet, Payload
+        self._seq += 1
+        idn = Identity(self.bb.fingerprint, self.bb.tokenizer_fingerprint, backbone_quantization(self.bb),
+                       self.session, start, len(states), self.layer, self._seq, SENDER, RESUMER)
+        return encode_packet(Packet(idn, Payload(self._codec.encode(np.asarray(states, np.float32)))))
+
+
+def receiver_for(bb, loopback: bool = False):
+    """The Receiver a resuming host runs for this backbone."""
+    from agp.ptp.receiver import Receiver
+    return Receiver(bb.fingerprint, bb.tokenizer_fingerprint, backbone_quantization(bb), RESUMER,
+                    hidden_size=bb.hidden_size, loopback=loopback)
+
+
+class Sender:
+    """Layers [0, b) with the sender's own cache: the states after b blocks of each new span."""
+
+    def __init__(self, bb, layer: int):
+        self.bb, self.layer, self.cache = bb, int(layer), bb.make_cache()
+
+    def states(self, ids) -> np.ndarray:
+        _, _, _, got = self.bb.states(mx.array([list(ids)]), [self.layer], self.cache, "transfer boundary")
+        h = got[self.layer][0].astype(mx.float32)
+        mx.eval(h)
+        return np.asarray(h)
+
+
+class Resumer:
+    """Layers [b, L) and the head with the resuming host's own cache, fed only by packets."""
+
+    def __init__(self, bb, layer: int, receiver):
+        self.bb, self.layer, self.receiver = bb, int(layer), receiver
+        self.cache, self.next = bb.make_cache(), 0
+        self.dtype = bb.model.model.embed_tokens.weight.dtype
+
+    def accept(self, data: bytes) -> tuple[mx.array, np.ndarray]:
+        """(logits [n, V] after every position of the packet's span, the received states [n, H])."""
+        p = self.receiver.receive(data)
+        idn = p.identity
+        if idn.layer != self.layer:
+            raise WrongBoundary(f"state after block {idn.layer}, this resumer continues from block {self.layer}",
+                                "identity")
+        if idn.span_start != self.next:
+            raise SpanGap(f"span starts at position {idn.span_start}, this session continues at {self.next} "
+                          f"({'a gap' if idn.span_start > self.next else 'a duplicate or out of order'})", "identity")
+        h = self.receiver.state(p)
+        out = self.bb.run_layers(mx.array(h)[None].astype(self.dtype), self.layer, self.bb.n_layers, self.cache)
+        logits = self.bb.head(out)[0]
+        mx.eval(logits)
+        self.next += idn.span_len
+        return logits, h
