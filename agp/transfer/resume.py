@@ -8,6 +8,11 @@ one codec, framed as an AGP-PTP packet (identity + payload, docs/ptp.md) and acc
 error compounds through its KV exactly as it would across hosts, instead of being measured on
 one position against a clean cache.
 
+The first state of a session, the BOS position's (the attention sink: |h| ~ 1e5 in Gemma 3,
+beyond fp16's range and far from every other state), travels in its own f32 packet, the session
+prologue; every later state goes with the codec under test. Its bytes are reported apart: they
+amortise to nothing over a session, while the per-state bytes do not.
+
 A session is a sequence of spans. The resumer refuses, with a typed error and before touching its
 cache, a span that does not start where the previous one ended (a gap, a duplicate, out of
 order), a state for another boundary layer, and anything the Receiver refuses (another model or
@@ -59,17 +64,19 @@ class Wire:
     seed: int = 0
 
     def __post_init__(self):
-        self._codec = make_codec(self.codec, self.bb.hidden_size, self.seed)
+        self._codecs = {spec: make_codec(spec, self.bb.hidden_size, self.seed) for spec in {self.codec, "f32"}}
         self._seq = 0
 
-    def packet(self, states: np.ndarray, start: int) -> bytes:
-        """The AGP-PTP packet carrying the states [n, H] of positions start .. start + n - 1."""
+    def packet(self, states: np.ndarray, start: int, exact: bool = False) -> bytes:
+        """The AGP-PTP packet carrying the states [n, H] of positions start .. start + n - 1
+        (with the f32 codec when `exact`: the session prologue)."""
         from agp.ptp.packet import encode_packet
         from agp.ptp.sections import Identity, Packet, Payload
         self._seq += 1
         idn = Identity(self.bb.fingerprint, self.bb.tokenizer_fingerprint, backbone_quantization(self.bb),
                        self.session, start, len(states), self.layer, self._seq, SENDER, RESUMER)
-        return encode_packet(Packet(idn, Payload(self._codec.encode(np.asarray(states, np.float32)))))
+        blob = self._codecs["f32" if exact else self.codec].encode(np.asarray(states, np.float32))
+        return encode_packet(Packet(idn, Payload(blob)))
 
 
 def receiver_for(bb, loopback: bool = False):
@@ -100,19 +107,25 @@ class Resumer:
         self.cache, self.next = bb.make_cache(), 0
         self.dtype = bb.model.model.embed_tokens.weight.dtype
 
-    def accept(self, data: bytes) -> tuple[mx.array, np.ndarray]:
-        """(logits [n, V] after every position of the packet's span, the received states [n, H])."""
-        p = self.receiver.receive(data)
-        idn = p.identity
-        if idn.layer != self.layer:
-            raise WrongBoundary(f"state after block {idn.layer}, this resumer continues from block {self.layer}",
-                                "identity")
-        if idn.span_start != self.next:
-            raise SpanGap(f"span starts at position {idn.span_start}, this session continues at {self.next} "
-                          f"({'a gap' if idn.span_start > self.next else 'a duplicate or out of order'})", "identity")
-        h = self.receiver.state(p)
+    def accept(self, *packets: bytes) -> tuple[mx.array, np.ndarray]:
+        """One step of the resuming host: the packets' spans, which must follow each other and the
+        session, run through layers [b, L) in one pass (as the sender ran them, so an exact codec
+        resumes to bitwise-identical logits). Returns (logits [n, V], the received states [n, H])."""
+        received, at = [], self.next
+        for data in packets:
+            p = self.receiver.receive(data)
+            idn = p.identity
+            if idn.layer != self.layer:
+                raise WrongBoundary(f"state after block {idn.layer}, this resumer continues from block {self.layer}",
+                                    "identity")
+            if idn.span_start != at:
+                raise SpanGap(f"span starts at position {idn.span_start}, this session continues at {at} "
+                              f"({'a gap' if idn.span_start > at else 'a duplicate or out of order'})", "identity")
+            received.append(self.receiver.state(p))
+            at += idn.span_len
+        h = np.concatenate(received)
         out = self.bb.run_layers(mx.array(h)[None].astype(self.dtype), self.layer, self.bb.n_layers, self.cache)
         logits = self.bb.head(out)[0]
         mx.eval(logits)
-        self.next += idn.span_len
+        self.next = at
         return logits, h

@@ -1,0 +1,62 @@
+"""Stage `transfer` report fragment: the rate-distortion table and plot per boundary, the decision."""
+from __future__ import annotations
+
+from agp import io
+
+
+def _f(x, fmt="{:.3f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def rate_distortion_plot(rows: list[dict], layer: int, goal: dict, path) -> None:
+    """Resumed KL (log) and top-1 against bytes per token on the wire, one point per codec."""
+    from agp.report.plots import plt, save
+    mine = sorted((r for r in rows if r["layer"] == layer and r["codec"] != "f32"), key=lambda r: r["bytes_per_token"])
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = [r["bytes_per_token"] for r in mine]
+    ax.plot(x, [max(r["kl"], 1e-6) for r in mine], "o-", color="tab:red", label="resumed KL (nats)")
+    for r in mine:
+        ax.annotate(r["codec"], (r["bytes_per_token"], max(r["kl"], 1e-6)), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.axhline(goal["kl"], color="tab:red", ls=":", lw=1)
+    ax.axvline(goal["bytes_per_token"], color="grey", ls=":", lw=1, label=f"goal: {goal['bytes_per_token']} B")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes per token on the wire (whole packet, amortised over the span)")
+    ax.set_ylabel("KL(full depth || resumed)", color="tab:red")
+    ax2 = ax.twinx()
+    ax2.plot(x, [r["top1"] for r in mine], "s--", color="tab:blue", label="resumed top-1")
+    ax2.plot(x, [r["continuation_agreement"] for r in mine], "^:", color="tab:green", label="continuation agreement")
+    ax2.axhline(goal["top1"], color="tab:blue", ls=":", lw=1)
+    ax2.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="lower left")
+    ax2.legend(fontsize=7, loc="center right")
+    ax.set_title(f"Boundary {layer}: held-out spans resumed through layers [{layer}, L)", fontsize=9)
+    save(fig, path)
+
+
+def write_report(out, m: dict) -> None:
+    d = m["decision"]
+    lines = ["## Stage transfer — boundary states on the wire, judged by the resumed model\n",
+             f"Backbone: {m['backbone']}; prompts from the {m['lane']} lane; dataset positions {m['dataset']['positions']} "
+             f"(states at boundaries {m['layers']}: onset {m['boundaries']['onset']}, D {m['boundaries']['decision']}, "
+             f"late B {m['boundaries']['late']}). f32 transfer resumes to bitwise-identical logits and continuations: "
+             f"{m['f32_resume_exact']}.\n",
+             "| boundary | codec | bytes/token | step packet B | cosine | KL | KL p95 | top-1 | continuation | "
+             "identical continuations |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in m["rate_distortion"]:
+        lines.append(f"| {r['layer']} | {r['codec']} | {r['bytes_per_token']:.1f} | {r['step_packet_bytes']:.0f} | "
+                     f"{r['cosine']:.5f} | {r['kl']:.4f} | {r['kl_p95']:.4f} | {r['top1']:.3f} | "
+                     f"{r['continuation_agreement']:.3f} | {r['continuations_identical']}/{r['prompts']} |")
+    lines.append("")
+    for layer in m["layers"]:
+        rate_distortion_plot(m["rate_distortion"], layer, d["goal"], out / f"rate_distortion_L{layer}.png")
+        lines.append(f"![boundary {layer}](rate_distortion_L{layer}.png)")
+    e = m["end_to_end"]
+    lines += ["", f"**Decision** at boundary {d['layer']}: `{d['codec']}` ({d['why']}); meets the goal "
+                  f"(top-1 >= {d['goal']['top1']}, KL <= {d['goal']['kl']}, <= {d['goal']['bytes_per_token']} B/token): "
+                  f"{d['meets_goal']}. Learned transfer adapter: {d['adapter']}.",
+              f"End to end over a socket ({e['frames']} frames): KL {_f(e['kl'], '{:.4f}')}, top-1 {_f(e['top1'])}, "
+              f"continuation {_f(e['continuation_agreement'])}; identical to the in-process resume: "
+              f"{e['identical_to_in_process']}.", ""]
+    io.write_text(out / "report.md", "\n".join(lines))

@@ -1,0 +1,97 @@
+"""Rate–distortion by resumed continuation: what the resumed model does with a transferred state.
+
+For one prompt, `teacher` runs full depth once: the logits after every position, the states at
+each boundary, and the k-token greedy continuation. `resume` then sends the prompt's span through
+a `Wire` (one codec, AGP-PTP packets, the Receiver's checks) into a fresh `Resumer`, and decodes k
+tokens the way two hosts would: the sender computes each new token's state at b with its own
+cache, the resumer continues from it with the cache it built from transferred states only.
+
+Per position it returns the exact KL(full depth || resumed) over the whole vocabulary and whether
+the resumed top-1 equals full depth's; per prompt the hidden cosine and MSE of the received span,
+the continuation's agreement and first divergence, and the bytes on the wire (the whole packet,
+headers included: amortised over the span's states, and per one-token continuation packet; the
+session prologue that carries the BOS state exactly is counted apart, agp.transfer.resume).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from agp.runtime.full import greedy
+from agp.transfer.resume import Resumer, Sender, Wire, receiver_for
+
+
+@dataclass
+class Teacher:
+    ids: list
+    states: dict            # boundary -> [n, H] float32 states after that many blocks
+    logits: mx.array        # [n, V] full-depth logits after every position
+    continuation: list      # k greedy full-depth tokens after the prompt
+
+
+@dataclass
+class Resumed:
+    kl: np.ndarray                  # [n] KL(full depth || resumed) per position, nats
+    top1: np.ndarray                # [n] resumed top-1 == full depth's
+    cosine: float                   # received span vs sent span, mean over positions
+    mse: float
+    continuation: list
+    agreement: float                # continuation tokens equal to full depth's
+    first_divergence: int | None    # index of the first differing continuation token
+    span_bytes: int                 # the span's packet (every state after the prologue)
+    prologue_bytes: int             # the session prologue: the BOS state in f32 (0 without BOS)
+    step_bytes: float               # mean packet size of a one-token continuation step
+    max_abs_logit_diff: float       # over the span (0 for a lossless resume)
+
+
+def teacher(bb, ids: list, layers, k: int) -> Teacher:
+    cache = bb.make_cache()
+    logits, got = bb.capture(mx.array([ids]), sorted(set(layers)), cache)
+    cont, last = [], logits[0, -1:]
+    for _ in range(k):
+        tok = int(greedy(last)[0].item())
+        cont.append(tok)
+        last = bb.forward(mx.array([[tok]]), cache)[0, -1:]
+    states = {layer: np.asarray(got[layer][0].astype(mx.float32)) for layer in got}
+    return Teacher(list(ids), states, logits[0].astype(mx.float32), cont)
+
+
+def kl_and_top1(ref: mx.array, got: mx.array) -> tuple[np.ndarray, np.ndarray]:
+    """Exact KL(softmax(ref) || softmax(got)) over the vocabulary and top-1 agreement, per row."""
+    logp = ref - mx.logsumexp(ref, axis=-1, keepdims=True)
+    logq = got.astype(mx.float32) - mx.logsumexp(got.astype(mx.float32), axis=-1, keepdims=True)
+    kl = (mx.exp(logp) * (logp - logq)).sum(-1)
+    same = mx.argmax(ref, axis=-1) == mx.argmax(got, axis=-1)
+    mx.eval(kl, same)
+    return np.maximum(np.asarray(kl), 0.0), np.asarray(same)
+
+
+def resume(bb, layer: int, codec: str, t: Teacher, seed: int = 0, transport=None) -> Resumed:
+    """The prompt's span over the wire at `layer` with `codec`, then len(t.continuation) tokens.
+    `transport(packet) -> bytes` carries each packet (default: handed over in process)."""
+    carry = transport or (lambda data: data)
+    wire, sender = Wire(bb, layer, codec, seed=seed), Sender(bb, layer)
+    resumer = Resumer(bb, layer, receiver_for(bb))
+    sent = sender.states(t.ids)
+    first = 1 if t.ids[0] == bb.bos_id and len(t.ids) > 1 else 0
+    prologue = wire.packet(sent[:1], 0, exact=True) if first else b""
+    packet = wire.packet(sent[first:], first)
+    logits, got = resumer.accept(*[carry(p) for p in (prologue, packet) if p])
+    kl, top1 = kl_and_top1(t.logits, logits)
+    diff = float(mx.abs(logits.astype(mx.float32) - t.logits).max().item())
+    cont, steps, last = [], [], logits[-1:]
+    for i in range(len(t.continuation)):
+        tok = int(greedy(last)[0].item())
+        cont.append(tok)
+        if i + 1 == len(t.continuation):
+            break
+        step = wire.packet(sender.states([tok]), len(t.ids) + i)
+        steps.append(len(step))
+        last = resumer.accept(carry(step))[0][-1:]
+    agree = [a == b for a, b in zip(cont, t.continuation)]
+    cos = (got * sent).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(sent, axis=1) + 1e-12)
+    return Resumed(kl, top1, float(cos.mean()), float(((got - sent) ** 2).mean()), cont,
+                   float(np.mean(agree)) if agree else 1.0, next((i for i, ok in enumerate(agree) if not ok), None),
+                   len(packet), len(prologue), float(np.mean(steps)) if steps else float("nan"), diff)

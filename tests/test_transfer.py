@@ -1,0 +1,115 @@
+"""Stage 5 transfer on a tiny Gemma: lossless resume past the sliding window, the typed refusals
+of a resuming host, and the stage end to end through `agp run --stage transfer`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from agp.cli import main
+from agp.ptp.errors import FingerprintMismatch, PTPError
+from tests.conftest import run_tiny_stages
+
+
+@pytest.fixture(scope="module")
+def tiny_bb(tiny_model_dir):
+    from agp.backbone import backbone
+    return backbone.load(tiny_model_dir["gemma3_text"])
+
+
+LONG = "the quick brown fox jumps over the lazy dog " * 2     # 89 tokens, the tiny window is 8
+
+
+def test_f32_transfer_resumes_bit_for_bit_past_the_window(tiny_bb):
+    from agp.transfer.measure import resume, teacher
+    ids = tiny_bb.encode(LONG)
+    t = teacher(tiny_bb, ids, [2], 6)
+    r = resume(tiny_bb, 2, "f32", t)
+    assert len(ids) > 8 * 4 and r.max_abs_logit_diff == 0.0 and r.continuation == t.continuation
+    assert r.kl.max() == 0.0 and r.top1.all()
+
+
+def test_a_lossy_codec_costs_fidelity_and_saves_bytes(tiny_bb):
+    from agp.transfer.measure import resume, teacher
+    t = teacher(tiny_bb, tiny_bb.encode(LONG), [2], 4)
+    exact, tq2 = resume(tiny_bb, 2, "f32", t), resume(tiny_bb, 2, "tq2", t)
+    assert tq2.span_bytes < exact.span_bytes / 8
+    assert tq2.kl.mean() > 1e-3 and tq2.cosine < 0.999
+
+
+def _session(bb, layer=2):
+    from agp.transfer.resume import Resumer, Sender, Wire, receiver_for
+    ids = bb.encode(LONG)
+    return ids, Sender(bb, layer), Wire(bb, layer, "fp16"), Resumer(bb, layer, receiver_for(bb))
+
+
+def test_a_gap_or_a_replayed_span_is_refused_before_the_cache_moves(tiny_bb):
+    from agp.transfer.resume import SpanGap
+    ids, sender, wire, resumer = _session(tiny_bb)
+    first = wire.packet(sender.states(ids[:10]), 0)
+    resumer.accept(first)
+    later = wire.packet(sender.states(ids[10:12]), 11)        # position 10 never sent
+    with pytest.raises(SpanGap, match="a gap"):
+        resumer.accept(later)
+    offset = resumer.cache[2].offset
+    again = wire.packet(sender.states(ids[12:13]), 0)          # back to the start
+    with pytest.raises(SpanGap, match="duplicate or out of order"):
+        resumer.accept(again)
+    assert resumer.cache[2].offset == offset and resumer.next == 10
+
+
+def test_a_state_for_another_boundary_or_model_is_refused(tiny_bb, tiny_model_dir, tmp_path):
+    from agp.transfer.resume import Resumer, Sender, Wire, WrongBoundary, receiver_for
+    ids, sender, _, resumer = _session(tiny_bb, 2)
+    other_layer = Wire(tiny_bb, 3, "fp16").packet(Sender(tiny_bb, 3).states(ids[:4]), 0)
+    with pytest.raises(WrongBoundary, match="block 3"):
+        resumer.accept(other_layer)
+    from agp.backbone import backbone
+    from tests.tiny import make_tiny_model
+    other = backbone.load(str(make_tiny_model("gemma3_text", tmp_path / "other", seed=1)))
+    foreign = Wire(other, 2, "fp16").packet(Sender(other, 2).states(ids[:4]), 0)
+    with pytest.raises(FingerprintMismatch):
+        Resumer(tiny_bb, 2, receiver_for(tiny_bb)).accept(foreign)
+    assert issubclass(WrongBoundary, PTPError)
+
+
+@pytest.fixture(scope="module")
+def tiny_transfer_run(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return run_tiny_stages(root, tiny_model_dir["gemma3_text"], ["baseline", "controller", "runtime", "transfer"],
+                           {"runtime": ["--runtime-new-tokens", "4"]})
+
+
+def test_transfer_stage_writes_the_dataset_the_table_and_the_decision(tiny_transfer_run):
+    run = tiny_transfer_run
+    m = run.stage("transfer")["metrics"]
+    assert run.stage("transfer")["status"] == "done"
+    assert m["f32_resume_exact"] is True and m["end_to_end"]["identical_to_in_process"] is True
+    assert m["dataset"]["prompts_in_two_splits"] == 0
+    codecs = {r["codec"] for r in m["rate_distortion"]}
+    assert codecs == {"f32", "fp16", "q8_0", "tq4"} and {r["layer"] for r in m["rate_distortion"]} == set(m["layers"])
+    out = run.path / "transfer"
+    for b in m["layers"]:
+        path = out / f"dataset_L{b}.npz"
+        with np.load(path) as z:
+            assert z["states"].shape[0] == z["topk_ids"].shape[0] == sum(m["dataset"]["positions"].values())
+            assert set(z["split"]) <= {"train", "valid", "heldout"}
+        from agp import io
+        assert m["dataset"]["sha256"][path.name] == io.sha256_file(path)
+        assert (out / f"rate_distortion_L{b}.png").exists()
+    assert m["decision"]["codec"] in codecs - {"f32"}
+    assert "Decision" in (out / "report.md").read_text()
+    assert json.loads((out / "rate_distortion.json").read_text())["rows"] == m["rate_distortion"]
+
+
+def test_an_unknown_codec_is_refused_before_any_model_work(tiny_transfer_run, tiny_model_dir, capsys):
+    rc = main(["run", "--stage", "transfer", "--run-dir", str(tiny_transfer_run.path), "--model",
+               tiny_model_dir["gemma3_text"], "--no-gates", "--transfer-codecs", "f32,zstd"])
+    assert rc == 2 and "unknown codec 'zstd'" in capsys.readouterr().err
+
+
+def test_transfer_boundaries_outside_the_model_are_refused(tiny_transfer_run, tiny_model_dir, capsys):
+    rc = main(["run", "--stage", "transfer", "--run-dir", str(tiny_transfer_run.path), "--model",
+               tiny_model_dir["gemma3_text"], "--no-gates", "--transfer-layers", "0,2"])
+    assert rc == 2 and "must lie in 1.." in capsys.readouterr().err
