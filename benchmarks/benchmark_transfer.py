@@ -1,0 +1,64 @@
+"""asv: the transfer wire at the late boundary — encode/decode time of one span's states per
+codec (time_), the resumed KL, top-1 and bytes per state the run's transfer stage recorded
+(track_). Reads a finished run with the transfer stage (env AGP_RUN, else runs/latest); without
+one the benchmarks are skipped (NotImplementedError: asv reports them as not run)."""
+import agp  # noqa: F401  (fast BLAS before mlx)
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+CODECS = ["fp16", "q8_0", "tq8", "tq4", "tq2"]
+
+
+def _run_dir() -> Path:
+    p = Path(os.environ.get("AGP_RUN") or Path(os.environ.get("AGP_RUNS", "runs")) / "latest").resolve()
+    if not (p / "transfer" / "rate_distortion.json").exists():
+        raise NotImplementedError(f"no finished transfer stage at {p}; run `agp run` first")
+    return p
+
+
+class Wire:
+    """One span of held-out states at B (47 positions at CI size), through each codec."""
+    params = CODECS
+    param_names = ["codec"]
+    timeout = 300
+
+    def setup_cache(self):
+        run = _run_dir()
+        m = json.loads((run / "manifest.json").read_text())["stages"]["transfer"]["metrics"]
+        late = m["boundaries"]["late"]
+        with np.load(run / "transfer" / f"dataset_L{late}.npz") as z:
+            held = z["split"] == "heldout"
+            first = z["prompt"][held][0]
+            rows = z["states"][held & (z["prompt"] == first)][1:]      # the span after the BOS prologue
+        table = {(r["layer"], r["codec"]): r for r in m["rate_distortion"]}
+        return {"states": rows, "late": late, "table": {c: table.get((late, c)) for c in CODECS}}
+
+    def setup(self, cache, codec):
+        from agp.quant.registry import make_codec
+        self.x = cache["states"]
+        self.codec = make_codec(codec, self.x.shape[1])
+        self.blob = self.codec.encode(self.x)
+        self.row = cache["table"][codec]
+        if self.row is None:
+            raise NotImplementedError(f"the run's transfer stage did not sweep {codec}")
+
+    def time_encode(self, cache, codec):
+        self.codec.encode(self.x)
+
+    def time_decode(self, cache, codec):
+        self.codec.decode(self.blob)
+
+    def track_resumed_kl(self, cache, codec):
+        return self.row["kl"]
+    track_resumed_kl.unit = "nats"
+
+    def track_resumed_top1(self, cache, codec):
+        return self.row["top1"]
+    track_resumed_top1.unit = "agreement"
+
+    def track_bytes_per_state(self, cache, codec):
+        return self.row["bytes_per_token"]
+    track_bytes_per_state.unit = "bytes"
