@@ -50,6 +50,14 @@ def test_no_intermediate_leaves_fp16_range(exported):
         assert not e["parity"]["fp16_overflow"], f"{name}: past fp16's range: {e['parity']['fp16_overflow']}"
 
 
+def per_compute_unit(test):
+    """macOS only (Core ML's runtime), once per compute unit the runtime can be asked for."""
+    test = pytest.mark.parametrize("units", ["CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"])(test)
+    test = pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML prediction needs macOS: "
+                              "coremltools has no Core ML runtime on this platform")(test)
+    return pytest.mark.macos(test)
+
+
 def _within_bounds(label: str, wiring: dict) -> None:
     for out, w in wiring.items():
         if "rel_err" in w:
@@ -64,10 +72,7 @@ def test_saved_program_computes_the_mlx_module(exported):
         _within_bounds(name, e["parity"]["wiring"])
 
 
-@pytest.mark.macos
-@pytest.mark.skipif(platform.system() != "Darwin",
-                    reason="Core ML prediction needs macOS: coremltools has no Core ML runtime on this platform")
-@pytest.mark.parametrize("units", ["CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"])
+@per_compute_unit
 def test_core_ml_prediction_of_every_module_matches_mlx(agp_run, exported, units):
     from agp.ane.export import coreml_parity
     record, out = exported
@@ -75,10 +80,7 @@ def test_core_ml_prediction_of_every_module_matches_mlx(agp_run, exported, units
         _within_bounds(f"{name} on {units}", wiring)
 
 
-@pytest.mark.macos
-@pytest.mark.skipif(platform.system() != "Darwin",
-                    reason="Core ML prediction needs macOS: coremltools has no Core ML runtime on this platform")
-@pytest.mark.parametrize("units", ["CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"])
+@per_compute_unit
 def test_core_ml_prediction_matches_mlx_and_keeps_the_decisions(agp_run, exported, units):
     from agp.ane import coreml
     from agp.ane.export import held_out_features
