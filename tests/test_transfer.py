@@ -87,6 +87,9 @@ def test_transfer_stage_writes_the_dataset_the_table_and_the_decision(tiny_trans
     assert run.stage("transfer")["status"] == "done"
     assert m["f32_resume_exact"] is True and m["end_to_end"]["identical_to_in_process"] is True
     assert m["dataset"]["prompts_in_two_splits"] == 0
+    shares = m["dataset"]["route_shares"]
+    assert set(shares) == {"train", "valid", "heldout"}
+    assert all(abs(sum(v for k, v in s.items() if k != "labelled") - 1) < 1e-6 for s in shares.values() if s["labelled"])
     codecs = {r["codec"] for r in m["rate_distortion"]}
     assert codecs == {"f32", "fp16", "q8_0", "tq4"} and {r["layer"] for r in m["rate_distortion"]} == set(m["layers"])
     out = run.path / "transfer"

@@ -41,8 +41,10 @@ def write_report(out, m: dict) -> None:
              f"Backbone: {m['backbone']}; prompts from the {m['lane']} lane; dataset positions {m['dataset']['positions']} "
              f"(states at boundaries {m['layers']}: onset {m['boundaries']['onset']}, D {m['boundaries']['decision']}, "
              f"late B {m['boundaries']['late']}). f32 transfer resumes to bitwise-identical logits and continuations: "
-             f"{m['f32_resume_exact']}.\n",
-             "| boundary | codec | bytes/token | step packet B | cosine | KL | KL p95 | top-1 | continuation | "
+             f"{m['f32_resume_exact']}. Route classes among the oracle-labelled positions per split: "
+             + "; ".join(f"{s} ({v['labelled']}): " + ", ".join(f"{k} {x:.2f}" for k, x in v.items() if k != "labelled")
+                         for s, v in m["dataset"].get("route_shares", {}).items()) + ".\n",
+             "| boundary | codec | bytes/state | step packet B | cosine | KL | KL p95 | top-1 | continuation | "
              "identical continuations |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in m["rate_distortion"]:
         lines.append(f"| {r['layer']} | {r['codec']} | {r['bytes_per_token']:.1f} | {r['step_packet_bytes']:.0f} | "

@@ -130,6 +130,7 @@ class Dataset:
     continuations: dict              # held-out prompt id -> k greedy tokens
     sha256: dict                     # file name -> sha256 (filled by write)
     rows: dict                       # split -> positions
+    routes: dict                     # split -> {route class: share of its labelled positions}
 
 
 def collect(inp: Inputs, cfg: TransferArgs) -> Dataset:
@@ -155,7 +156,18 @@ def collect(inp: Inputs, cfg: TransferArgs) -> Dataset:
             conts[str(r["id"])] = t.continuation
     shared = {k: np.asarray(v) for k, v in meta.items()}
     arrays = {b: {**{k: np.concatenate(v) for k, v in c.items()}, **shared} for b, c in cols.items()}
-    return Dataset(arrays, conts, {}, {s: int((shared["split"] == s).sum()) for s in SPLITS})
+    return Dataset(arrays, conts, {}, {s: int((shared["split"] == s).sum()) for s in SPLITS}, route_shares(shared))
+
+
+def route_shares(meta: dict) -> dict:
+    """Per split, each route class's share of the positions the oracle labelled: the splits are
+    the lanes' by prompt, and this is how far their class mix differs."""
+    out = {}
+    for s in SPLITS:
+        labelled = meta["route"][(meta["split"] == s) & (meta["route"] != "")]
+        names, counts = np.unique(labelled, return_counts=True)
+        out[s] = {"labelled": int(len(labelled)), **{str(n): float(c / len(labelled)) for n, c in zip(names, counts)}}
+    return out
 
 
 def top_k(logits, k: int):
@@ -302,7 +314,7 @@ def stage_metrics(cfg, inp: Inputs, data: Dataset, table: Table, choice: Choice,
     return {"config": cfg.to_dict(), "backbone": "adapter" if inp.adapter_dir else "base", "lane": inp.lane,
             "model_fingerprint": inp.bb.fingerprint, "layers": inp.layers,
             "boundaries": {"onset": inp.onset, "decision": inp.decision, "late": inp.late},
-            "dataset": {"positions": data.rows, "sha256": data.sha256, "top_k": cfg.top_k,
+            "dataset": {"positions": data.rows, "route_shares": data.routes, "sha256": data.sha256, "top_k": cfg.top_k,
                         "stored": "states at each boundary (float32), teacher top-k ids and logits, logsumexp",
                         "prompts_in_two_splits": sum(len(v) > 1 for v in split_of.values()),
                         "digest": hashlib.sha256(json.dumps(data.sha256, sort_keys=True).encode()).hexdigest()},
