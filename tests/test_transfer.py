@@ -116,3 +116,13 @@ def test_transfer_boundaries_outside_the_model_are_refused(tiny_transfer_run, ti
     rc = main(["run", "--stage", "transfer", "--run-dir", str(tiny_transfer_run.path), "--model",
                tiny_model_dir["gemma3_text"], "--no-gates", "--transfer-layers", "0,2"])
     assert rc == 2 and "must lie in 1.." in capsys.readouterr().err
+
+
+def test_a_stage_gate_runs_only_that_stages_files(tiny_transfer_run):
+    """runtime and transfer share the stage-5 marker: the runtime stage's gate must not run the
+    transfer gate (whose stage has not run yet when the runtime gate runs in `agp run`)."""
+    from agp.commands.run import gate_command
+    runtime = " ".join(gate_command(tiny_transfer_run, "stage5", "runtime"))
+    transfer = " ".join(gate_command(tiny_transfer_run, "stage5", "transfer"))
+    assert "test_stage5_runtime.py" in runtime and "transfer" not in runtime.split("--agp-run")[0]
+    assert "test_stage5_transfer.py" in transfer and "test_stage5_runtime.py" not in transfer

@@ -165,7 +165,7 @@ def run_stage(run: runs.Run, mod, args, rerun: bool = True) -> bool:
         run.update_stage(name, gate={"outcome": "not run", "summary": "--no-gates"})
         build(run)
         return True
-    outcome = run_gate(run, mod.MARKER)
+    outcome = run_gate(run, mod.MARKER, mod.NAME)
     run.update_stage(name, gate=outcome)
     build(run)
     print(f"agp: gate {mod.MARKER}: {outcome['outcome']} ({outcome['summary']})")
@@ -197,13 +197,20 @@ def execute_stage(run: runs.Run, mod, args) -> None:
     run.update_stage(name, status="done", metrics=metrics, seconds=round(time.perf_counter() - t0, 2))
 
 
-def run_gate(run: runs.Run, marker: str) -> dict:
-    """Run `pytest -m MARKER gates/` against this run in a subprocess; summarise the outcome."""
+def gate_command(run: runs.Run, marker: str, stage: str | None = None) -> list[str]:
     gates = Path(__file__).resolve().parents[2] / "gates"
     if not gates.is_dir():
         raise AGPError(f"the gates folder {gates} is missing; install AGP from its checkout (./install.sh)")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-m", marker, str(gates),
-           f"--agp-run={run.path.resolve()}", "--rootdir", str(gates.parent)]
+    files = sorted(gates.glob(f"test_*_{stage}.py")) if stage else []
+    return [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-m", marker,
+            *[str(f) for f in files or [gates]], f"--agp-run={run.path.resolve()}", "--rootdir", str(gates.parent)]
+
+
+def run_gate(run: runs.Run, marker: str, stage: str | None = None) -> dict:
+    """Run `pytest -m MARKER gates/test_*_<stage>.py` against this run in a subprocess; summarise
+    the outcome. Two stages can share a curriculum marker (runtime and transfer are both stage 5),
+    so a stage's own gate is its files: the other stage's tests must not run before it exists."""
+    cmd = gate_command(run, marker, stage)
     # a wide "terminal" keeps pytest from cutting the failure reasons in its short summary
     from agp.train.distributed import clean_env
     # without the launcher's variables: the gate is one process, not a rank of the training group
