@@ -38,7 +38,7 @@ def write_report(out, m: dict) -> None:
     lines.append("")
     for layer in m["layers"]:
         ablation_plot(m["ablation"], layer, out / f"ablation_L{layer}.png")
-        lines.append(f"![block {layer}](ablation_L{layer}.png)")
+        lines.append(f"![block {layer}](depth/ablation_L{layer}.png)")  # relative to the run report
     rv = m["revive"]
     lines += ["", f"### Revive ({rv['unacceptable_positions']} held-out positions whose tuned-lens state at "
                   f"D={m['decision_layer']} is not acceptable)\n",

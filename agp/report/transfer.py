@@ -53,7 +53,7 @@ def write_report(out, m: dict) -> None:
     lines.append("")
     for layer in m["layers"]:
         rate_distortion_plot(m["rate_distortion"], layer, d["goal"], out / f"rate_distortion_L{layer}.png")
-        lines.append(f"![boundary {layer}](rate_distortion_L{layer}.png)")
+        lines.append(f"![boundary {layer}](transfer/rate_distortion_L{layer}.png)")  # relative to the run report
     e = m["end_to_end"]
     lines += ["", f"**Decision** at boundary {d['layer']}: `{d['codec']}` ({d['why']}); meets the goal "
                   f"(top-1 >= {d['goal']['top1']}, KL <= {d['goal']['kl']}, <= {d['goal']['bytes_per_token']} B/token): "
