@@ -226,12 +226,33 @@ def test_cli_build_search_inspect_append(tmp_path, capsys):
     assert "dimension 5, the index has 32" in capsys.readouterr().err
 
 
-def test_8bit_two_level_quantize_matches_binary_search():
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_grid_quantize_matches_binary_search(bits):
+    from agp.index.encode import GridQuantizer
+
     x = _data(800)
-    idx = TQIndex.build(x, IndexArgs(bits=8))
+    idx = TQIndex.build(x, IndexArgs(bits=bits))
     z = idx.rotate(x - idx.mean)
-    brute = np.stack([np.searchsorted(idx._bounds[j], z[:, j]) for j in range(idx.padded_dim)], axis=1)
-    assert np.array_equal(idx._quantize(z), brute)
+    b = idx._quantizer.bounds.T
+    z[:len(b)] = b   # values exactly on a boundary: strict "below" counts
+    gq = GridQuantizer(idx.codebook)
+    assert gq.tables is not None   # the grid path, not the counting fallback
+    brute = np.stack([np.searchsorted(gq.bounds[j], z[:, j]) for j in range(idx.padded_dim)], axis=1)
+    codes, levels = gq(z)
+    assert np.array_equal(codes, brute)
+    assert np.array_equal(levels, np.take_along_axis(idx.codebook.T, brute, axis=0))
+
+
+def test_grid_quantize_coincident_levels_falls_back_to_counting():
+    from agp.index.encode import GridQuantizer
+
+    z = np.array([[-2, 0, 5e-10, 2], [0.5, -0.5, 1e-9, 0], [0, 0, 0, 0]], np.float32)
+    for levels in ([-1.0, 0.0, 0.0, 1e-9, 1.0], [-1.0, 0.0, 0.0, 0.0, 1.0]):   # 1e-9 apart; 3 equal levels
+        cb = np.tile(np.array(levels, np.float32), (4, 1))
+        gq = GridQuantizer(cb)
+        brute = np.stack([np.searchsorted(gq.bounds[j], z[:, j]) for j in range(4)], axis=1)
+        assert gq.tables is None and np.array_equal(gq(z)[0], brute)
+        assert np.array_equal(gq(z)[1], np.take_along_axis(cb.T, brute, axis=0))
 
 
 def test_dense_rotation_is_the_hadamard_rotation():

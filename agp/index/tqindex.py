@@ -30,7 +30,7 @@ import numpy as np
 
 from agp.config import ConfigMixin
 from agp.errors import AGPError
-from agp.index import loader, snapshot
+from agp.index import encode, loader, snapshot
 from agp.quant import bitpack, lloyd_max
 from agp.quant.rotation import Rotation
 
@@ -64,11 +64,11 @@ class TQIndex:
         self.padded_dim = self.rotation.padded_dim
         self.mean, self.codebook, self.scale, self.codes, self.vectors = mean, codebook, scale, codes, vectors
         self.code_bytes = bitpack.packed_size(self.padded_dim, self.bits)
-        self._bounds = lloyd_max.boundaries(codebook)  # [pd, 2**bits - 1]
         # flat offsets of each coordinate's codebook: a 1-D take is ~3x faster than [arange, idx] indexing
         self._flat_codebook = np.ascontiguousarray(codebook, dtype=np.float32).ravel()
         self._offsets = (np.arange(self.padded_dim, dtype=np.intp) << self.bits)
         self._rot_matrix = None
+        self._quantizer = None
         self.scan = scan
         self._engine = None
         self._snapshot = None
@@ -111,32 +111,33 @@ class TQIndex:
         return np.asarray(x, dtype=np.float32) @ self._rot_matrix
 
     def _encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        codes, scales = [], []
-        for i in range(0, len(x), ENCODE_CHUNK):
-            z = self.rotate(x[i:i + ENCODE_CHUNK] - self.mean)
-            idx = self._quantize(z)
-            zh = self._levels(idx)
-            scales.append((np.einsum("nd,nd->n", z, zh) / np.maximum(np.einsum("nd,nd->n", zh, zh), 1e-30)).astype(np.float16))
-            codes.append(bitpack.pack(idx, self.bits))
-        return np.concatenate(codes), np.concatenate(scales)
+        """(packed codes [N, code_bytes], row gains fp16 [N]) for unit rows x (agp.index.encode)."""
+        if self._quantizer is None:
+            self._quantizer = encode.GridQuantizer(self.codebook)
+        self.rotate(x[:1])   # materialise the rotation matrix once, before the threads share it
+        mean_rot = self.mean @ self._rot_matrix   # (x - mean) R = x R - mean R: one pass fewer
+
+        def rotate(rows: np.ndarray) -> np.ndarray:
+            z = self.rotate(rows)
+            z -= mean_rot
+            return z
+
+        def finish(z: np.ndarray):
+            idx, zh = self._quantizer(z)
+            gain = np.einsum("nd,nd->n", z, zh) / np.maximum(np.einsum("nd,nd->n", zh, zh), 1e-30)
+            return bitpack.pack(idx, self.bits), gain.astype(np.float16)
+
+        parts = encode.encode_rows(x, rotate, finish)
+        if not parts:
+            return np.zeros((0, self.code_bytes), np.uint8), np.zeros(0, np.float16)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _quantize(self, z: np.ndarray) -> np.ndarray:
-        """Nearest level index per coordinate (uint8) = the number of boundaries below each value.
-        Up to 16 levels: count them directly. 256 levels: count the 15 boundaries between groups of
-        16 levels (the coarse cell c), then the 15 boundaries inside cell c (30 passes, not 255;
-        a binary search over all boundaries is slower still in NumPy)."""
-        nb = self._bounds.shape[1]
-        if nb <= 15:
-            return _count_below(z, self._bounds)
-        if nb != 255:   # 3 bits pads to <= 15; only 8 bits gets here
-            raise AGPError(f"index codebook has {nb + 1} levels; expected at most 16 or exactly 256")
-        coarse = _count_below(z, self._bounds[:, 15::16])
-        flat = np.concatenate([self._bounds, np.full((self.padded_dim, 1), np.inf, np.float32)], axis=1).ravel()
-        base = (self._offsets + (coarse.astype(np.intp) << 4))
-        fine = np.zeros(z.shape, np.uint8)
-        for t in range(15):
-            fine += z > np.take(flat, base + t)
-        return (coarse << 4) | fine
+        """Nearest level index per coordinate (uint8): agp.index.encode.GridQuantizer, equal to
+        counting the boundaries below each value."""
+        if self._quantizer is None:
+            self._quantizer = encode.GridQuantizer(self.codebook)
+        return self._quantizer(z)[0]
 
     def _levels(self, idx: np.ndarray) -> np.ndarray:
         return np.take(self._flat_codebook, idx.astype(np.intp) + self._offsets)
@@ -292,14 +293,6 @@ class TQIndex:
         return {"vectors": len(self), "dim": self.dim, "padded_dim": self.padded_dim, "bits": self.bits,
                 "seed": self.seed, "store": self.store, "bytes_per_vector": self.bytes_per_vector,
                 "compression_vs_fp32": round(4 * self.dim / self.bytes_per_vector, 2)}
-
-
-def _count_below(z: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """[N, pd] uint8: how many of each coordinate's boundaries (bounds [pd, t], t <= 15) lie below z."""
-    idx = np.zeros(z.shape, np.uint8)
-    for t in range(bounds.shape[1]):
-        idx += z > bounds[:, t]
-    return idx
 
 
 class _V1Scan:
