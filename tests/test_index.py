@@ -288,3 +288,59 @@ def test_sharded_fast_scan_matches_v1_engine(bits):
 def test_unknown_scan_is_refused():
     with pytest.raises(AGPError, match="scan must be one of"):
         TQIndex.build(_data(100), IndexArgs(scan="gpu"))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_snapshot_stores_fast_scan_layout(bits, tmp_path):
+    import faiss
+
+    from agp.index import tqindex
+
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        x = _data(2 * tqindex.MIN_SHARD_ROWS + 77, d=64, seed=5)   # two shards, a partial last block
+        idx = TQIndex.build(x, IndexArgs(bits=bits))
+        p = tmp_path / "a.tqidx"
+        idx.save(p)
+        o = TQIndex.open(p)
+        assert o._layout is not None and len(o.engine().shards) == 2
+        faiss.omp_set_num_threads(1)   # a different shard split reads the same stored layout
+        one = TQIndex.open(p)
+        assert len(one.engine().shards) == 1
+        faiss.omp_set_num_threads(2)
+        q = _data(30, d=64, seed=6)
+        for other in (o, one):
+            for qq in (q, q[:1]):
+                a, b = idx.search(qq, 10), other.search(qq, 10)
+                assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
+    finally:
+        faiss.omp_set_num_threads(old)
+
+
+def test_version1_snapshot_still_opens(built, tmp_path):
+    x, idx = built
+    p = tmp_path / "v1.tqidx"
+    arrays = {"mean": idx.mean, "codebook": idx.codebook, "scale": idx.scale, "codes": idx.codes, "vectors": idx.vectors}
+    meta = {"dim": idx.dim, "padded_dim": idx.padded_dim, "bits": idx.bits, "seed": idx.seed, "rotation": "hadamard",
+            "count": len(idx), "store": idx.store, "code_bytes": idx.code_bytes}
+    snapshot.write(p, meta, arrays)
+    raw = bytearray(p.read_bytes())
+    raw[8:12] = struct.pack("<I", 1)   # the version field is outside the header checksum
+    p.write_bytes(bytes(raw))
+    o = TQIndex.open(p)
+    assert o._layout is None
+    a, b = idx.search(x[:20], 10), o.search(x[:20], 10)
+    assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
+
+
+def test_wrong_size_fast_scan_layout_is_refused(built, tmp_path):
+    x, idx = built
+    p = tmp_path / "bad.tqidx"
+    arrays = {"mean": idx.mean, "codebook": idx.codebook, "scale": idx.scale, "codes": idx.codes,
+              "vectors": idx.vectors, "fastscan": np.zeros(100, np.uint8)}
+    meta = {"dim": idx.dim, "padded_dim": idx.padded_dim, "bits": idx.bits, "seed": idx.seed, "rotation": "hadamard",
+            "count": len(idx), "store": idx.store, "code_bytes": idx.code_bytes}
+    snapshot.write(p, meta, arrays)
+    with pytest.raises(AGPError, match="fastscan layout size.*rebuild it"):
+        TQIndex.open(p)

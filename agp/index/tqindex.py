@@ -56,7 +56,7 @@ class TQIndex:
     """Inner-product top-k over TurboQuant-coded unit vectors."""
 
     def __init__(self, dim, bits, seed, mean, codebook, scale, codes, vectors=None, store="none", path=None,
-                 scan="fast"):
+                 scan="fast", layout=None):
         if scan not in SCANS:
             raise AGPError(f"index scan must be one of {SCANS}, got {scan!r}")
         self.dim, self.bits, self.seed, self.store, self.path = int(dim), int(bits), int(seed), store, path
@@ -71,6 +71,7 @@ class TQIndex:
         self._quantizer = None
         self.scan = scan
         self._engine = None
+        self._layout = layout   # FAISS fast-scan layout read from a snapshot (None: packed from codes)
         self._snapshot = None
 
     # -- building ---------------------------------------------------------------------------
@@ -149,7 +150,7 @@ class TQIndex:
         if self.store != "none":
             v = x.astype(_store_dtype(self.store))
             self.vectors = np.concatenate([self.vectors, v]) if len(self.vectors) else v
-        self._engine = None
+        self._engine = self._layout = None
 
     def add(self, src) -> int:
         """Encode more rows with the existing mean and codebooks; returns the new count."""
@@ -171,7 +172,7 @@ class TQIndex:
     def engine(self):
         """The scan over the codes, built once (at build, at open, or on the first search after an add)."""
         if self._engine is None:
-            self._engine = _V1Scan(self) if self.scan == "v1" else _FastScan(self)
+            self._engine = _V1Scan(self) if self.scan == "v1" else _FastScan(self, self._layout)
         return self._engine
 
     def _sub_centroids(self, g: int, codebook: np.ndarray | None = None, bits: int | None = None) -> np.ndarray:
@@ -260,6 +261,10 @@ class TQIndex:
         arrays = {"mean": self.mean, "codebook": self.codebook, "scale": self.scale, "codes": self.codes}
         if self.vectors is not None:
             arrays["vectors"] = self.vectors
+        engine = self.engine()
+        layout = engine.layout() if isinstance(engine, _FastScan) else None
+        if layout is not None:   # stored so that open does not re-pack the codes (format version 2)
+            arrays["fastscan"] = layout
         snapshot.write(path, {"dim": self.dim, "padded_dim": self.padded_dim, "bits": self.bits, "seed": self.seed,
                               "rotation": self.rotation.kind, "count": len(self), "store": self.store,
                               "code_bytes": self.code_bytes, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
@@ -281,10 +286,13 @@ class TQIndex:
                   and a["codes"].shape == (n, bitpack.packed_size(pd, bits)))
             if not ok or (m["store"] != "none") != ("vectors" in a):
                 raise ValueError("section shapes")
+            g = 1 if bits == 8 else (4 // bits if bits in (1, 2, 4) and pd % (4 // bits) == 0 else 0)
+            if "fastscan" in a and (not g or a["fastscan"].shape != (layout_bytes(n, pd // g),)):
+                raise ValueError("fastscan layout size")
         except (KeyError, ValueError, TypeError) as e:
             raise AGPError(f"{path}: snapshot header is inconsistent ({e}); rebuild it") from None
         idx = cls(dim, bits, seed, a["mean"], a["codebook"], a["scale"], a["codes"], a.get("vectors"),
-                  store=m["store"], path=str(path))
+                  store=m["store"], path=str(path), layout=a.get("fastscan"))
         idx._snapshot = snap
         return idx
 
@@ -321,24 +329,37 @@ class _FastScan:
     queries than threads, and one after the other, each on all threads, for a batch.
     """
 
-    def __init__(self, idx: TQIndex):
+    def __init__(self, idx: TQIndex, layout: np.ndarray | None = None):
         self.coarse = idx.bits == 8
-        if self.coarse:
-            cb = idx.codebook.reshape(idx.padded_dim, 16, 16).mean(axis=2)
-            codes = bitpack.pack(_high_nibbles(idx.codes), 4) if len(idx) else np.zeros((0, idx.padded_dim // 2), np.uint8)
-            g, bits = 1, 4
-        else:
-            cb, codes, g, bits = idx.codebook, idx.codes, idx._group(), idx.bits
+        g, bits = (1, 4) if self.coarse else (idx._group(), idx.bits)
+        cb = idx.codebook.reshape(idx.padded_dim, 16, 16).mean(axis=2) if self.coarse else idx.codebook
         cent = idx._sub_centroids(g, cb, bits)
+        self.fast = g * bits == 4   # FAISS fast scan (a blocked layout exists); 3 bits: PQ scan
         self.threads = max(1, faiss.omp_get_max_threads())
-        n_sh = max(1, min(self.threads, len(idx) // MIN_SHARD_ROWS))
-        cuts = np.linspace(0, len(idx), n_sh + 1).astype(np.int64)
-        self.shards = [idx._faiss_pq(cent, codes[a:b], g, bits) for a, b in zip(cuts[:-1], cuts[1:])]
+        cuts = _shard_cuts(len(idx), self.threads)
+        spans = list(zip(cuts[:-1], cuts[1:]))
+        if layout is not None and self.fast:
+            blk = layout_block_bytes(idx.padded_dim // g)
+            self.shards = [_from_layout(idx, cent, layout[a // BBS * blk:-(-b // BBS) * blk], b - a, g, bits)
+                           for a, b in spans]
+        else:
+            codes = bitpack.pack(_high_nibbles(idx.codes), 4) if self.coarse and len(idx) else idx.codes
+            if self.coarse and not len(idx):
+                codes = np.zeros((0, idx.padded_dim // 2), np.uint8)
+            self.shards = [idx._faiss_pq(cent, codes[a:b], g, bits) for a, b in spans]
         self.parallel = faiss.IndexShards(idx.padded_dim, True, True)     # threaded: one thread per shard
         self.sequential = faiss.IndexShards(idx.padded_dim, False, True)  # each shard on all threads
         for sh in self.shards:   # the wrappers do not own the shards: self.shards keeps them alive
             self.parallel.add_shard(sh)
             self.sequential.add_shard(sh)
+
+    def layout(self) -> np.ndarray | None:
+        """The shards' FAISS blocked codes, concatenated: the whole index's layout, because every
+        shard but the last holds a multiple of BBS rows (None for the 3-bit PQ scan)."""
+        if not self.fast:
+            return None
+        parts = [np.array(faiss.rev_swig_ptr(sh.codes.get(), sh.codes.size())) for sh in self.shards if sh.codes.size()]
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
     def default_short(self, k: int) -> int:
         return max(16 * k, 256) if self.coarse else max(4 * k, 64)
@@ -348,6 +369,37 @@ class _FastScan:
             return self.shards[0].search(zq, short)[1]
         index = self.parallel if len(zq) < self.threads else self.sequential
         return index.search(zq, short)[1]
+
+
+BBS = 32   # FAISS fast-scan block: rows packed together (IndexPQFastScan's default bbs)
+
+
+def layout_block_bytes(m: int) -> int:
+    """Bytes of one BBS-row block of FAISS's fast-scan layout for m 4-bit sub-quantizers (m rounded up to even)."""
+    return BBS * (m + m % 2) // 2
+
+
+def layout_bytes(n: int, m: int) -> int:
+    return -(-n // BBS) * layout_block_bytes(m)
+
+
+def _shard_cuts(n: int, threads: int) -> np.ndarray:
+    """Row cuts of one shard per thread (at least MIN_SHARD_ROWS rows each), on BBS-row block
+    boundaries so that each shard's layout is a slice of the whole index's layout."""
+    n_sh = max(1, min(threads, n // MIN_SHARD_ROWS))
+    cuts = np.linspace(0, n, n_sh + 1).astype(np.int64) // BBS * BBS
+    cuts[-1] = n
+    return cuts
+
+
+def _from_layout(idx: "TQIndex", cent: np.ndarray, layout: np.ndarray, rows: int, g: int, bits: int):
+    """A fast-scan shard whose blocked codes are copied from a stored layout (no re-packing)."""
+    sh = idx._faiss_pq(cent, np.zeros((0, layout_block_bytes(idx.padded_dim // g) // BBS), np.uint8), g, bits)
+    sh.codes.resize(layout.size)
+    if layout.size:
+        faiss.rev_swig_ptr(sh.codes.get(), layout.size)[:] = layout
+    sh.ntotal, sh.ntotal2 = int(rows), -(-int(rows) // BBS) * BBS
+    return sh
 
 
 def _high_nibbles(codes: np.ndarray) -> np.ndarray:
