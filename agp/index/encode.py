@@ -92,6 +92,15 @@ def count_below(z: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     return idx
 
 
+def map_chunks(fn, n: int, chunk: int) -> list:
+    """[fn(lo, hi) for each chunk of n rows], on a thread pool when there is more than one chunk."""
+    spans = [(i, min(n, i + chunk)) for i in range(0, n, chunk)]
+    if len(spans) <= 1 or (os.cpu_count() or 1) <= 1:
+        return [fn(a, b) for a, b in spans]
+    with ThreadPoolExecutor(min(len(spans), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda s: fn(*s), spans))
+
+
 def encode_rows(x: np.ndarray, rotate, finish, block: int = BLOCK_ROWS, chunk: int = CHUNK_ROWS) -> list:
     """[finish(z) for every CHUNK_ROWS rows of z = rotate(x block)]. The rotation is one BLAS matmul
     per block (BLAS threads it itself); the element-wise passes of `finish` use one core per call, so

@@ -216,7 +216,17 @@ class TQIndex:
         # fast scan's 8-bit tables would otherwise decide the rerank candidates on their own
         short = min(n, max(k, rescore if rescore is not None else self.engine().default_short(k), 2 * rerank))
         zq = self.rotate(q)
-        cand = self._candidates(zq, short)
+        cand = self._candidates(zq, short)   # FAISS: one call for the whole batch, all threads
+
+        def rank(lo: int, hi: int):
+            return self._rank(q[lo:hi], zq[lo:hi], cand[lo:hi], k, rerank)
+
+        # the re-score and rerank are NumPy passes on one core each: query chunks go to a thread pool
+        parts = encode.map_chunks(rank, nq, RESCORE_CHUNK)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _rank(self, q: np.ndarray, zq: np.ndarray, cand: np.ndarray, k: int, rerank: int):
+        """Top-k of each query's candidates: code re-score (float tables x row gain), optional exact rerank."""
         valid = cand >= 0
         cand = np.where(valid, cand, 0)   # a placeholder row to index with; its score is -inf below
         scores = self._rescore(zq, cand) + (q @ self.mean)[:, None]
@@ -229,8 +239,8 @@ class TQIndex:
                               np.einsum("qkd,qd->qk", self.vectors[cand].astype(np.float32), q), -np.inf)
             order = np.argsort(-scores, axis=1, kind="stable")
             cand, scores = np.take_along_axis(cand, order, 1), np.take_along_axis(scores, order, 1)
-        out_s = np.full((nq, k), -np.inf, np.float32)
-        out_i = np.full((nq, k), -1, np.int64)
+        out_s = np.full((len(q), k), -np.inf, np.float32)
+        out_i = np.full((len(q), k), -1, np.int64)
         kk = min(k, cand.shape[1])
         out_s[:, :kk], out_i[:, :kk] = scores[:, :kk], cand[:, :kk]
         out_i[~np.isfinite(out_s)] = -1   # a slot the scan could not fill is a pad, never a repeat of row 0
