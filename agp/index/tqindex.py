@@ -2,7 +2,7 @@
 
 Encoding a unit row x: y = x - mean (the Gemma table's mean has norm ~0.45: centring removes the
 shared direction the codes would otherwise spend bits on), z = R y (the seeded TurboQuant rotation,
-agp.quant.rotation), code_j = nearest level of codebook_j (agp.quant.lloyd_max.quantize). Codebook j is
+agp.quant.rotation), code_j = nearest level of codebook_j (agp.index.encode.GridQuantizer). Codebook j is
 one Lloyd-Max shape fitted to the standardised rotated coordinates, scaled by coordinate j's std,
 so the codes match the data rather than the data-oblivious N(0, 1/d) codebook. A per-row fp16
 scale a = <z, ẑ>/|ẑ|² (least-squares gain) corrects each row's reconstruction length.
