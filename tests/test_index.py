@@ -226,12 +226,33 @@ def test_cli_build_search_inspect_append(tmp_path, capsys):
     assert "dimension 5, the index has 32" in capsys.readouterr().err
 
 
-def test_8bit_two_level_quantize_matches_binary_search():
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_grid_quantize_matches_binary_search(bits):
+    from agp.index.encode import GridQuantizer
+
     x = _data(800)
-    idx = TQIndex.build(x, IndexArgs(bits=8))
+    idx = TQIndex.build(x, IndexArgs(bits=bits))
     z = idx.rotate(x - idx.mean)
-    brute = np.stack([np.searchsorted(idx._bounds[j], z[:, j]) for j in range(idx.padded_dim)], axis=1)
-    assert np.array_equal(idx._quantize(z), brute)
+    b = idx._quantizer.bounds.T
+    z[:len(b)] = b   # values exactly on a boundary: strict "below" counts
+    gq = GridQuantizer(idx.codebook)
+    assert gq.tables is not None   # the grid path, not the counting fallback
+    brute = np.stack([np.searchsorted(gq.bounds[j], z[:, j]) for j in range(idx.padded_dim)], axis=1)
+    codes, levels = gq(z)
+    assert np.array_equal(codes, brute)
+    assert np.array_equal(levels, np.take_along_axis(idx.codebook.T, brute, axis=0))
+
+
+def test_grid_quantize_coincident_levels_falls_back_to_counting():
+    from agp.index.encode import GridQuantizer
+
+    z = np.array([[-2, 0, 5e-10, 2], [0.5, -0.5, 1e-9, 0], [0, 0, 0, 0]], np.float32)
+    for levels in ([-1.0, 0.0, 0.0, 1e-9, 1.0], [-1.0, 0.0, 0.0, 0.0, 1.0]):   # 1e-9 apart; 3 equal levels
+        cb = np.tile(np.array(levels, np.float32), (4, 1))
+        gq = GridQuantizer(cb)
+        brute = np.stack([np.searchsorted(gq.bounds[j], z[:, j]) for j in range(4)], axis=1)
+        assert gq.tables is None and np.array_equal(gq(z)[0], brute)
+        assert np.array_equal(gq(z)[1], np.take_along_axis(cb.T, brute, axis=0))
 
 
 def test_dense_rotation_is_the_hadamard_rotation():
@@ -267,3 +288,82 @@ def test_sharded_fast_scan_matches_v1_engine(bits):
 def test_unknown_scan_is_refused():
     with pytest.raises(AGPError, match="scan must be one of"):
         TQIndex.build(_data(100), IndexArgs(scan="gpu"))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_snapshot_stores_fast_scan_layout(bits, tmp_path):
+    import faiss
+
+    from agp.index import tqindex
+
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        x = _data(2 * tqindex.MIN_SHARD_ROWS + 77, d=64, seed=5)   # two shards, a partial last block
+        idx = TQIndex.build(x, IndexArgs(bits=bits))
+        p = tmp_path / "a.tqidx"
+        idx.save(p)
+        o = TQIndex.open(p)
+        assert o._layout is not None and len(o.engine().shards) == 2
+        faiss.omp_set_num_threads(1)   # a different shard split reads the same stored layout
+        one = TQIndex.open(p)
+        assert len(one.engine().shards) == 1
+        faiss.omp_set_num_threads(2)
+        q = _data(30, d=64, seed=6)
+        for other in (o, one):
+            for qq in (q, q[:1]):
+                a, b = idx.search(qq, 10), other.search(qq, 10)
+                assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
+    finally:
+        faiss.omp_set_num_threads(old)
+
+
+def test_version1_snapshot_still_opens(built, tmp_path):
+    x, idx = built
+    p = tmp_path / "v1.tqidx"
+    arrays = {"mean": idx.mean, "codebook": idx.codebook, "scale": idx.scale, "codes": idx.codes, "vectors": idx.vectors}
+    meta = {"dim": idx.dim, "padded_dim": idx.padded_dim, "bits": idx.bits, "seed": idx.seed, "rotation": "hadamard",
+            "count": len(idx), "store": idx.store, "code_bytes": idx.code_bytes}
+    snapshot.write(p, meta, arrays)
+    raw = bytearray(p.read_bytes())
+    raw[8:12] = struct.pack("<I", 1)   # the version field is outside the header checksum
+    p.write_bytes(bytes(raw))
+    o = TQIndex.open(p)
+    assert o._layout is None
+    a, b = idx.search(x[:20], 10), o.search(x[:20], 10)
+    assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
+
+
+def test_wrong_size_fast_scan_layout_is_refused(built, tmp_path):
+    x, idx = built
+    p = tmp_path / "bad.tqidx"
+    arrays = {"mean": idx.mean, "codebook": idx.codebook, "scale": idx.scale, "codes": idx.codes,
+              "vectors": idx.vectors, "fastscan": np.zeros(100, np.uint8)}
+    meta = {"dim": idx.dim, "padded_dim": idx.padded_dim, "bits": idx.bits, "seed": idx.seed, "rotation": "hadamard",
+            "count": len(idx), "store": idx.store, "code_bytes": idx.code_bytes}
+    snapshot.write(p, meta, arrays)
+    with pytest.raises(AGPError, match="fastscan layout size.*rebuild it"):
+        TQIndex.open(p)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fast_encode_matches_reference_encoding(bits):
+    """The threaded grid encoder against the plain reference (Hadamard rotation of x - mean, binary
+    search per coordinate, least-squares gain): the mean is folded into a rotated bias, so float
+    rounding may move a value sitting on a boundary; codes agree on >= 99.9% and recall matches."""
+    x = _data(3000)
+    idx = TQIndex.build(x, IndexArgs(bits=bits))
+    z = idx.rotation.apply(x - idx.mean)
+    bounds = (idx.codebook[:, 1:] + idx.codebook[:, :-1]) * np.float32(0.5)
+    ref = np.stack([np.searchsorted(bounds[j], z[:, j]) for j in range(idx.padded_dim)], axis=1).astype(np.uint8)
+    from agp.quant import bitpack
+
+    codes = bitpack.unpack(idx.codes, bits, idx.padded_dim)
+    assert (codes == ref).mean() >= 0.999
+    zh = np.take_along_axis(idx.codebook.T, ref.astype(np.intp), axis=0)
+    gain = (z * zh).sum(1) / (zh * zh).sum(1)
+    assert np.allclose(idx.scale.astype(np.float32), gain, rtol=2e-3)
+    q = _data(60, seed=9)
+    ref_idx = TQIndex(idx.dim, bits, idx.seed, idx.mean, idx.codebook, gain.astype(np.float16), bitpack.pack(ref, bits))
+    r_new, r_ref = _recall(idx.search(q, 10)[1], x, q), _recall(ref_idx.search(q, 10)[1], x, q)
+    assert abs(r_new - r_ref) <= 0.01, (r_new, r_ref)

@@ -169,7 +169,8 @@ def measure(name, base, queries, gt, args: BenchArgs) -> dict:
     batch_s, ids = timed(search, queries, K)
     lat = np.array([timed(search, queries[i:i + 1], K)[0] for i in range(min(args.single, len(queries)))]) * 1e3
     return {"method": name, "bits": bits, "bytes_per_vector": round(float(bpv), 1), "recall@10": round(recall(ids, gt), 4),
-            "build_s": round(build_s, 2), "single_mean_ms": round(float(lat.mean()), 3),
+            "build_s": round(build_s, 2), "build_rows_s": round(len(base) / build_s),
+            "single_mean_ms": round(float(lat.mean()), 3),
             "single_p95_ms": round(float(np.percentile(lat, 95)), 3), "batch_qps": round(len(queries) / batch_s, 1)}
 
 
@@ -195,7 +196,7 @@ def run(args: BenchArgs) -> list[dict]:
     return rows
 
 
-COLS = ["method", "bits", "bytes_per_vector", "recall@10", "build_s", "single_mean_ms", "single_p95_ms", "batch_qps"]
+COLS = ["method", "bits", "bytes_per_vector", "recall@10", "build_s", "build_rows_s", "single_mean_ms", "single_p95_ms", "batch_qps"]
 
 
 def format_table(rows: list[dict]) -> str:

@@ -66,17 +66,22 @@ def check_rows(x, source: str, dim: int | None = None, first_row: int = 0) -> np
         raise AGPError(f"{source}: vectors have dimension {x.shape[1]}, the index has {dim}; use vectors of the index's dimension")
     if x.shape[1] < 2:
         raise AGPError(f"{source}: dimension {x.shape[1]} is too small; the index needs dim >= 2")
-    bad = ~np.isfinite(x).all(axis=1)
+    # one pass for squared norms finds the NaN/inf rows too (they make the sum non-finite); only
+    # those rows are then checked element-wise, instead of an isfinite pass over the whole array
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):   # handled just below
+        sq = np.einsum("ij,ij->i", x, x)
+    suspect = ~np.isfinite(sq)
+    bad = np.zeros(len(x), bool)
+    bad[suspect] = ~np.isfinite(x[suspect]).all(axis=1)
     if bad.any():
         r = int(np.argmax(bad))
         raise AGPError(f"{source}: row {first_row + r} contains NaN or inf (or a value beyond float32, ±3.4e38); "
                        f"clean, rescale or drop that row")
-    with np.errstate(over="ignore", under="ignore"):   # handled just below
-        norms = np.linalg.norm(x, axis=1)
-    off_scale = ~np.isfinite(norms) | (norms < np.finfo(np.float32).tiny)
+    off_scale = suspect | (sq < np.finfo(np.float32).tiny)   # |x|^2 overflows, or |x| below ~1e-19
     if off_scale.any():
         x = _rescale_rows(x, off_scale, source, first_row)
-        norms = np.linalg.norm(x, axis=1)
+        sq = np.einsum("ij,ij->i", x, x)
+    norms = np.sqrt(sq)
     return x / norms[:, None]
 
 

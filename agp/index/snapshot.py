@@ -9,7 +9,8 @@ Layout (all little-endian; spec in docs/index.md):
     20  H   header: UTF-8 JSON (dim, padded_dim, bits, seed, rotation, count, store, block_bytes,
             sections: name -> {offset, nbytes, dtype, shape, crc32: [one per block]})
     ... sections, each starting on a 64-byte boundary: mean f32[dim], codebook f32[pd, 2**bits],
-        scale f16[N], codes u8[N, code_bytes], vectors f16|f32[N, dim] (only with a rerank store)
+        scale f16[N], codes u8[N, code_bytes], vectors f16|f32[N, dim] (only with a rerank store),
+        fastscan u8[layout bytes] (version 2: FAISS's blocked fast-scan codes, so open need not re-pack)
 
 Opening maps the file read-only and returns NumPy views into the map (no copy); `verify=True`
 checks every block's crc32 first, so a truncated or corrupted file is an error naming the
@@ -29,12 +30,12 @@ from agp.errors import AGPError
 from agp.io import atomic_path
 
 MAGIC = b"AGPTQIDX"
-VERSION = 1
+VERSION = 2   # 2 adds the optional `fastscan` section; version 1 files (without it) still open
 PREFIX = struct.Struct("<8sIII")
 ALIGN = 64
 BLOCK_BYTES = 1 << 20
 MAX_HEADER = 1 << 24
-SECTIONS = ("mean", "codebook", "scale", "codes", "vectors")
+SECTIONS = ("mean", "codebook", "scale", "codes", "vectors", "fastscan")
 
 
 def _crcs(buf, block: int) -> list[int]:
@@ -90,7 +91,7 @@ def _write_file(path: Path, hb: bytes, specs: dict, blobs: list, start: int, off
 
 
 SECTION_DTYPES = {"mean": ("<f4",), "codebook": ("<f4",), "scale": ("<f2",), "codes": ("|u1",),
-                  "vectors": ("<f2", "<f4")}
+                  "vectors": ("<f2", "<f4"), "fastscan": ("|u1",)}
 MIN_BLOCK, MAX_BLOCK = 1 << 12, 1 << 30   # crc32 block sizes a reader accepts (the writer uses BLOCK_BYTES)
 
 

@@ -2,7 +2,7 @@
 
 Encoding a unit row x: y = x - mean (the Gemma table's mean has norm ~0.45: centring removes the
 shared direction the codes would otherwise spend bits on), z = R y (the seeded TurboQuant rotation,
-agp.quant.rotation), code_j = nearest level of codebook_j (agp.quant.lloyd_max.quantize). Codebook j is
+agp.quant.rotation), code_j = nearest level of codebook_j (agp.index.encode.GridQuantizer). Codebook j is
 one Lloyd-Max shape fitted to the standardised rotated coordinates, scaled by coordinate j's std,
 so the codes match the data rather than the data-oblivious N(0, 1/d) codebook. A per-row fp16
 scale a = <z, ẑ>/|ẑ|² (least-squares gain) corrects each row's reconstruction length.
@@ -30,7 +30,7 @@ import numpy as np
 
 from agp.config import ConfigMixin
 from agp.errors import AGPError
-from agp.index import loader, snapshot
+from agp.index import encode, loader, snapshot
 from agp.quant import bitpack, lloyd_max
 from agp.quant.rotation import Rotation
 
@@ -56,7 +56,7 @@ class TQIndex:
     """Inner-product top-k over TurboQuant-coded unit vectors."""
 
     def __init__(self, dim, bits, seed, mean, codebook, scale, codes, vectors=None, store="none", path=None,
-                 scan="fast"):
+                 scan="fast", layout=None):
         if scan not in SCANS:
             raise AGPError(f"index scan must be one of {SCANS}, got {scan!r}")
         self.dim, self.bits, self.seed, self.store, self.path = int(dim), int(bits), int(seed), store, path
@@ -64,13 +64,14 @@ class TQIndex:
         self.padded_dim = self.rotation.padded_dim
         self.mean, self.codebook, self.scale, self.codes, self.vectors = mean, codebook, scale, codes, vectors
         self.code_bytes = bitpack.packed_size(self.padded_dim, self.bits)
-        self._bounds = lloyd_max.boundaries(codebook)  # [pd, 2**bits - 1]
         # flat offsets of each coordinate's codebook: a 1-D take is ~3x faster than [arange, idx] indexing
         self._flat_codebook = np.ascontiguousarray(codebook, dtype=np.float32).ravel()
         self._offsets = (np.arange(self.padded_dim, dtype=np.intp) << self.bits)
         self._rot_matrix = None
+        self._quantizer = None
         self.scan = scan
         self._engine = None
+        self._layout = layout   # FAISS fast-scan layout read from a snapshot (None: packed from codes)
         self._snapshot = None
 
     # -- building ---------------------------------------------------------------------------
@@ -111,32 +112,33 @@ class TQIndex:
         return np.asarray(x, dtype=np.float32) @ self._rot_matrix
 
     def _encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        codes, scales = [], []
-        for i in range(0, len(x), ENCODE_CHUNK):
-            z = self.rotate(x[i:i + ENCODE_CHUNK] - self.mean)
-            idx = self._quantize(z)
-            zh = self._levels(idx)
-            scales.append((np.einsum("nd,nd->n", z, zh) / np.maximum(np.einsum("nd,nd->n", zh, zh), 1e-30)).astype(np.float16))
-            codes.append(bitpack.pack(idx, self.bits))
-        return np.concatenate(codes), np.concatenate(scales)
+        """(packed codes [N, code_bytes], row gains fp16 [N]) for unit rows x (agp.index.encode)."""
+        if self._quantizer is None:
+            self._quantizer = encode.GridQuantizer(self.codebook)
+        self.rotate(x[:1])   # materialise the rotation matrix once, before the threads share it
+        mean_rot = self.mean @ self._rot_matrix   # (x - mean) R = x R - mean R: one pass fewer
+
+        def rotate(rows: np.ndarray) -> np.ndarray:
+            z = self.rotate(rows)
+            z -= mean_rot
+            return z
+
+        def finish(z: np.ndarray):
+            idx, zh = self._quantizer(z)
+            gain = np.einsum("nd,nd->n", z, zh) / np.maximum(np.einsum("nd,nd->n", zh, zh), 1e-30)
+            return bitpack.pack(idx, self.bits), gain.astype(np.float16)
+
+        parts = encode.encode_rows(x, rotate, finish)
+        if not parts:
+            return np.zeros((0, self.code_bytes), np.uint8), np.zeros(0, np.float16)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _quantize(self, z: np.ndarray) -> np.ndarray:
-        """Nearest level index per coordinate (uint8) = the number of boundaries below each value.
-        Up to 16 levels: count them directly. 256 levels: count the 15 boundaries between groups of
-        16 levels (the coarse cell c), then the 15 boundaries inside cell c (30 passes, not 255;
-        a binary search over all boundaries is slower still in NumPy)."""
-        nb = self._bounds.shape[1]
-        if nb <= 15:
-            return _count_below(z, self._bounds)
-        if nb != 255:   # 3 bits pads to <= 15; only 8 bits gets here
-            raise AGPError(f"index codebook has {nb + 1} levels; expected at most 16 or exactly 256")
-        coarse = _count_below(z, self._bounds[:, 15::16])
-        flat = np.concatenate([self._bounds, np.full((self.padded_dim, 1), np.inf, np.float32)], axis=1).ravel()
-        base = (self._offsets + (coarse.astype(np.intp) << 4))
-        fine = np.zeros(z.shape, np.uint8)
-        for t in range(15):
-            fine += z > np.take(flat, base + t)
-        return (coarse << 4) | fine
+        """Nearest level index per coordinate (uint8): agp.index.encode.GridQuantizer, equal to
+        counting the boundaries below each value."""
+        if self._quantizer is None:
+            self._quantizer = encode.GridQuantizer(self.codebook)
+        return self._quantizer(z)[0]
 
     def _levels(self, idx: np.ndarray) -> np.ndarray:
         return np.take(self._flat_codebook, idx.astype(np.intp) + self._offsets)
@@ -148,7 +150,7 @@ class TQIndex:
         if self.store != "none":
             v = x.astype(_store_dtype(self.store))
             self.vectors = np.concatenate([self.vectors, v]) if len(self.vectors) else v
-        self._engine = None
+        self._engine = self._layout = None
 
     def add(self, src) -> int:
         """Encode more rows with the existing mean and codebooks; returns the new count."""
@@ -170,7 +172,7 @@ class TQIndex:
     def engine(self):
         """The scan over the codes, built once (at build, at open, or on the first search after an add)."""
         if self._engine is None:
-            self._engine = _V1Scan(self) if self.scan == "v1" else _FastScan(self)
+            self._engine = _V1Scan(self) if self.scan == "v1" else _FastScan(self, self._layout)
         return self._engine
 
     def _sub_centroids(self, g: int, codebook: np.ndarray | None = None, bits: int | None = None) -> np.ndarray:
@@ -214,7 +216,17 @@ class TQIndex:
         # fast scan's 8-bit tables would otherwise decide the rerank candidates on their own
         short = min(n, max(k, rescore if rescore is not None else self.engine().default_short(k), 2 * rerank))
         zq = self.rotate(q)
-        cand = self._candidates(zq, short)
+        cand = self._candidates(zq, short)   # FAISS: one call for the whole batch, all threads
+
+        def rank(lo: int, hi: int):
+            return self._rank(q[lo:hi], zq[lo:hi], cand[lo:hi], k, rerank)
+
+        # the re-score and rerank are NumPy passes on one core each: query chunks go to a thread pool
+        parts = encode.map_chunks(rank, nq, RESCORE_CHUNK)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _rank(self, q: np.ndarray, zq: np.ndarray, cand: np.ndarray, k: int, rerank: int):
+        """Top-k of each query's candidates: code re-score (float tables x row gain), optional exact rerank."""
         valid = cand >= 0
         cand = np.where(valid, cand, 0)   # a placeholder row to index with; its score is -inf below
         scores = self._rescore(zq, cand) + (q @ self.mean)[:, None]
@@ -227,8 +239,8 @@ class TQIndex:
                               np.einsum("qkd,qd->qk", self.vectors[cand].astype(np.float32), q), -np.inf)
             order = np.argsort(-scores, axis=1, kind="stable")
             cand, scores = np.take_along_axis(cand, order, 1), np.take_along_axis(scores, order, 1)
-        out_s = np.full((nq, k), -np.inf, np.float32)
-        out_i = np.full((nq, k), -1, np.int64)
+        out_s = np.full((len(q), k), -np.inf, np.float32)
+        out_i = np.full((len(q), k), -1, np.int64)
         kk = min(k, cand.shape[1])
         out_s[:, :kk], out_i[:, :kk] = scores[:, :kk], cand[:, :kk]
         out_i[~np.isfinite(out_s)] = -1   # a slot the scan could not fill is a pad, never a repeat of row 0
@@ -259,6 +271,10 @@ class TQIndex:
         arrays = {"mean": self.mean, "codebook": self.codebook, "scale": self.scale, "codes": self.codes}
         if self.vectors is not None:
             arrays["vectors"] = self.vectors
+        engine = self.engine()
+        layout = engine.layout() if isinstance(engine, _FastScan) else None
+        if layout is not None:   # stored so that open does not re-pack the codes (format version 2)
+            arrays["fastscan"] = layout
         snapshot.write(path, {"dim": self.dim, "padded_dim": self.padded_dim, "bits": self.bits, "seed": self.seed,
                               "rotation": self.rotation.kind, "count": len(self), "store": self.store,
                               "code_bytes": self.code_bytes, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
@@ -280,10 +296,13 @@ class TQIndex:
                   and a["codes"].shape == (n, bitpack.packed_size(pd, bits)))
             if not ok or (m["store"] != "none") != ("vectors" in a):
                 raise ValueError("section shapes")
+            g = 1 if bits == 8 else (4 // bits if bits in (1, 2, 4) and pd % (4 // bits) == 0 else 0)
+            if "fastscan" in a and (not g or a["fastscan"].shape != (layout_bytes(n, pd // g),)):
+                raise ValueError("fastscan layout size")
         except (KeyError, ValueError, TypeError) as e:
             raise AGPError(f"{path}: snapshot header is inconsistent ({e}); rebuild it") from None
         idx = cls(dim, bits, seed, a["mean"], a["codebook"], a["scale"], a["codes"], a.get("vectors"),
-                  store=m["store"], path=str(path))
+                  store=m["store"], path=str(path), layout=a.get("fastscan"))
         idx._snapshot = snap
         return idx
 
@@ -292,14 +311,6 @@ class TQIndex:
         return {"vectors": len(self), "dim": self.dim, "padded_dim": self.padded_dim, "bits": self.bits,
                 "seed": self.seed, "store": self.store, "bytes_per_vector": self.bytes_per_vector,
                 "compression_vs_fp32": round(4 * self.dim / self.bytes_per_vector, 2)}
-
-
-def _count_below(z: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """[N, pd] uint8: how many of each coordinate's boundaries (bounds [pd, t], t <= 15) lie below z."""
-    idx = np.zeros(z.shape, np.uint8)
-    for t in range(bounds.shape[1]):
-        idx += z > bounds[:, t]
-    return idx
 
 
 class _V1Scan:
@@ -328,24 +339,37 @@ class _FastScan:
     queries than threads, and one after the other, each on all threads, for a batch.
     """
 
-    def __init__(self, idx: TQIndex):
+    def __init__(self, idx: TQIndex, layout: np.ndarray | None = None):
         self.coarse = idx.bits == 8
-        if self.coarse:
-            cb = idx.codebook.reshape(idx.padded_dim, 16, 16).mean(axis=2)
-            codes = bitpack.pack(_high_nibbles(idx.codes), 4) if len(idx) else np.zeros((0, idx.padded_dim // 2), np.uint8)
-            g, bits = 1, 4
-        else:
-            cb, codes, g, bits = idx.codebook, idx.codes, idx._group(), idx.bits
+        g, bits = (1, 4) if self.coarse else (idx._group(), idx.bits)
+        cb = idx.codebook.reshape(idx.padded_dim, 16, 16).mean(axis=2) if self.coarse else idx.codebook
         cent = idx._sub_centroids(g, cb, bits)
+        self.fast = g * bits == 4   # FAISS fast scan (a blocked layout exists); 3 bits: PQ scan
         self.threads = max(1, faiss.omp_get_max_threads())
-        n_sh = max(1, min(self.threads, len(idx) // MIN_SHARD_ROWS))
-        cuts = np.linspace(0, len(idx), n_sh + 1).astype(np.int64)
-        self.shards = [idx._faiss_pq(cent, codes[a:b], g, bits) for a, b in zip(cuts[:-1], cuts[1:])]
+        cuts = _shard_cuts(len(idx), self.threads)
+        spans = list(zip(cuts[:-1], cuts[1:]))
+        if layout is not None and self.fast:
+            blk = layout_block_bytes(idx.padded_dim // g)
+            self.shards = [_from_layout(idx, cent, layout[a // BBS * blk:-(-b // BBS) * blk], b - a, g, bits)
+                           for a, b in spans]
+        else:
+            codes = bitpack.pack(_high_nibbles(idx.codes), 4) if self.coarse and len(idx) else idx.codes
+            if self.coarse and not len(idx):
+                codes = np.zeros((0, idx.padded_dim // 2), np.uint8)
+            self.shards = [idx._faiss_pq(cent, codes[a:b], g, bits) for a, b in spans]
         self.parallel = faiss.IndexShards(idx.padded_dim, True, True)     # threaded: one thread per shard
         self.sequential = faiss.IndexShards(idx.padded_dim, False, True)  # each shard on all threads
         for sh in self.shards:   # the wrappers do not own the shards: self.shards keeps them alive
             self.parallel.add_shard(sh)
             self.sequential.add_shard(sh)
+
+    def layout(self) -> np.ndarray | None:
+        """The shards' FAISS blocked codes, concatenated: the whole index's layout, because every
+        shard but the last holds a multiple of BBS rows (None for the 3-bit PQ scan)."""
+        if not self.fast:
+            return None
+        parts = [np.array(faiss.rev_swig_ptr(sh.codes.get(), sh.codes.size())) for sh in self.shards if sh.codes.size()]
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
     def default_short(self, k: int) -> int:
         return max(16 * k, 256) if self.coarse else max(4 * k, 64)
@@ -355,6 +379,37 @@ class _FastScan:
             return self.shards[0].search(zq, short)[1]
         index = self.parallel if len(zq) < self.threads else self.sequential
         return index.search(zq, short)[1]
+
+
+BBS = 32   # FAISS fast-scan block: rows packed together (IndexPQFastScan's default bbs)
+
+
+def layout_block_bytes(m: int) -> int:
+    """Bytes of one BBS-row block of FAISS's fast-scan layout for m 4-bit sub-quantizers (m rounded up to even)."""
+    return BBS * (m + m % 2) // 2
+
+
+def layout_bytes(n: int, m: int) -> int:
+    return -(-n // BBS) * layout_block_bytes(m)
+
+
+def _shard_cuts(n: int, threads: int) -> np.ndarray:
+    """Row cuts of one shard per thread (at least MIN_SHARD_ROWS rows each), on BBS-row block
+    boundaries so that each shard's layout is a slice of the whole index's layout."""
+    n_sh = max(1, min(threads, n // MIN_SHARD_ROWS))
+    cuts = np.linspace(0, n, n_sh + 1).astype(np.int64) // BBS * BBS
+    cuts[-1] = n
+    return cuts
+
+
+def _from_layout(idx: "TQIndex", cent: np.ndarray, layout: np.ndarray, rows: int, g: int, bits: int):
+    """A fast-scan shard whose blocked codes are copied from a stored layout (no re-packing)."""
+    sh = idx._faiss_pq(cent, np.zeros((0, layout_block_bytes(idx.padded_dim // g) // BBS), np.uint8), g, bits)
+    sh.codes.resize(layout.size)
+    if layout.size:
+        faiss.rev_swig_ptr(sh.codes.get(), layout.size)[:] = layout
+    sh.ntotal, sh.ntotal2 = int(rows), -(-int(rows) // BBS) * BBS
+    return sh
 
 
 def _high_nibbles(codes: np.ndarray) -> np.ndarray:
