@@ -32,7 +32,9 @@ class Wire:
         with np.load(run / "transfer" / f"dataset_L{late}.npz") as z:
             held = z["split"] == "heldout"
             first = z["prompt"][held][0]
-            rows = z["states"][held & (z["prompt"] == first)][1:]      # the span after the BOS prologue
+            rows = z["states"][held & (z["prompt"] == first)]
+        from agp.transfer.resume import SINK_LIMIT
+        rows = rows[np.abs(rows).max(axis=1) <= SINK_LIMIT]         # sinks travel in f32, not through the codec
         table = {(r["layer"], r["codec"]): r for r in m["rate_distortion"]}
         return {"states": rows, "late": late, "table": {c: table.get((late, c)) for c in CODECS}}
 

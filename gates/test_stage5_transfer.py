@@ -45,6 +45,12 @@ def test_f32_transfer_resumes_bit_for_bit(rec, rows, held_span):
         assert rows[layer, "f32"]["max_abs_logit_diff"] == 0.0, f"boundary {layer}: f32 resume not exact"
 
 
+def test_f32_resumes_bit_for_bit_past_the_sliding_window(rec):
+    long = {r["codec"]: r for r in rec["metrics"]["long_span"]}
+    assert "f32" in long and long["f32"]["tokens"] > T.STAGE5_LONG_PROMPT_MIN_TOKENS, "no span past the window"
+    assert long["f32"]["max_abs_logit_diff"] == 0.0 and long["f32"]["continuation_identical"], long["f32"]
+
+
 def test_fp16_resumes_within_rounding(rec, rows):
     for layer in rec["metrics"]["layers"]:
         r = rows[layer, "fp16"]

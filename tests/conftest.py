@@ -24,7 +24,8 @@ TINY_STAGE_FLAGS = {
                 "--runtime-vocabs", "128"],
     "depth": ["--depth-prompts", "6", "--depth-heldout-prompts", "3", "--depth-module-steps", "20"],
     "transfer": ["--transfer-prompts", "3", "--transfer-heldout-prompts", "2", "--transfer-max-tokens", "24",
-                 "--transfer-continuation", "3", "--transfer-codecs", "f32,fp16,q8_0,tq4"],
+                 "--transfer-continuation", "3", "--transfer-codecs", "f32,fp16,q8_0,tq4",
+                 "--transfer-long-prompt-tokens", "60"],
 }
 
 

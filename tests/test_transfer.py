@@ -38,6 +38,20 @@ def test_a_lossy_codec_costs_fidelity_and_saves_bytes(tiny_bb):
     assert tq2.kl.mean() > 1e-3 and tq2.cosine < 0.999
 
 
+def test_attention_sinks_travel_exactly_and_the_rest_with_the_codec(tiny_bb):
+    """Positions past SINK_LIMIT (Gemma's BOS and a few later ones) go in f32 packets; the span
+    around them with the codec; the resumer runs all the runs of a step in one pass."""
+    from agp.transfer.resume import SINK_LIMIT, Resumer, Wire, receiver_for
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(12, tiny_bb.hidden_size)).astype(np.float32)
+    states[0, 3] = states[7, 5] = 3 * SINK_LIMIT                 # beyond fp16: the codec alone would refuse
+    runs = Wire(tiny_bb, 2, "fp16").packets(states, 0)
+    assert [exact for _, exact in runs] == [True, False, True, False]
+    logits, got = Resumer(tiny_bb, 2, receiver_for(tiny_bb)).accept(*[p for p, _ in runs])
+    assert logits.shape[0] == 12 and got[0, 3] == states[0, 3] and got[7, 5] == states[7, 5]
+    assert np.abs(got - states).max() < 1e-2
+
+
 def _session(bb, layer=2):
     from agp.transfer.resume import Resumer, Sender, Wire, receiver_for
     ids = bb.encode(LONG)
@@ -87,6 +101,8 @@ def test_transfer_stage_writes_the_dataset_the_table_and_the_decision(tiny_trans
     assert run.stage("transfer")["status"] == "done"
     assert m["f32_resume_exact"] is True and m["end_to_end"]["identical_to_in_process"] is True
     assert m["dataset"]["prompts_in_two_splits"] == 0
+    long = {r["codec"]: r for r in m["long_span"]}
+    assert long["f32"]["tokens"] == 60 and long["f32"]["max_abs_logit_diff"] == 0.0 and long["f32"]["continuation_identical"]
     shares = m["dataset"]["route_shares"]
     assert set(shares) == {"train", "valid", "heldout"}
     assert all(abs(sum(v for k, v in s.items() if k != "labelled") - 1) < 1e-6 for s in shares.values() if s["labelled"])

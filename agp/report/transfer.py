@@ -44,16 +44,23 @@ def write_report(out, m: dict) -> None:
              f"{m['f32_resume_exact']}. Route classes among the oracle-labelled positions per split: "
              + "; ".join(f"{s} ({v['labelled']}): " + ", ".join(f"{k} {x:.2f}" for k, x in v.items() if k != "labelled")
                          for s, v in m["dataset"].get("route_shares", {}).items()) + ".\n",
-             "| boundary | codec | bytes/state | step packet B | cosine | KL | KL p95 | top-1 | continuation | "
-             "identical continuations |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| boundary | codec | bytes/state | all-in bytes/token | step packet B | cosine | KL | KL p95 | top-1 | "
+             "continuation | identical continuations |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in m["rate_distortion"]:
-        lines.append(f"| {r['layer']} | {r['codec']} | {r['bytes_per_token']:.1f} | {r['step_packet_bytes']:.0f} | "
+        lines.append(f"| {r['layer']} | {r['codec']} | {r['bytes_per_token']:.1f} | {r['all_in_bytes_per_token']:.1f} | "
+                     f"{r['step_packet_bytes']:.0f} | "
                      f"{r['cosine']:.5f} | {r['kl']:.4f} | {r['kl_p95']:.4f} | {r['top1']:.3f} | "
                      f"{r['continuation_agreement']:.3f} | {r['continuations_identical']}/{r['prompts']} |")
     lines.append("")
     for layer in m["layers"]:
         rate_distortion_plot(m["rate_distortion"], layer, d["goal"], out / f"rate_distortion_L{layer}.png")
         lines.append(f"![boundary {layer}](transfer/rate_distortion_L{layer}.png)")  # relative to the run report
+    if m.get("long_span"):
+        lines += ["", f"Past the 512-token window ({m['long_span'][0]['tokens']} tokens, logits after the last "
+                      f"{m['long_span'][0]['scored_positions']} positions, at boundary {m['long_span'][0]['layer']}):", "",
+                  "| codec | KL | top-1 | largest logit difference | continuation |", "|---|---|---|---|---|"]
+        lines += [f"| {r['codec']} | {r['kl']:.2e} | {r['top1']:.3f} | {r['max_abs_logit_diff']:.3g} | "
+                  f"{r['continuation_agreement']:.3f} |" for r in m["long_span"]]
     e = m["end_to_end"]
     lines += ["", f"**Decision** at boundary {d['layer']}: `{d['codec']}` ({d['why']}); meets the goal "
                   f"(top-1 >= {d['goal']['top1']}, KL <= {d['goal']['kl']}, <= {d['goal']['bytes_per_token']} B/token): "

@@ -354,16 +354,20 @@ def bench_prompts(bb, rows: dict, cfg: RuntimeArgs) -> list[tuple[str, list[int]
     held = [r for r in rows["heldout"] if r["lane"] == "routing"] or rows["heldout"]
     held = pick(held, len(held))
     out = [(f"heldout-{i}", bb.encode(r["text"], max_tokens=96, truncate=True)) for i, r in enumerate(held[:cfg.bench_prompts])]
-    ids = []
-    for r in held:
-        ids += bb.encode(r["text"], max_tokens=cfg.long_prompt_tokens, truncate=True)[(1 if ids else 0):]
-        if len(ids) >= cfg.long_prompt_tokens:
-            break
-    if len(ids) < cfg.long_prompt_tokens:
-        raise AGPError(f"the held-out lanes hold only {len(ids)} tokens; the long benchmark prompt needs "
-                       f"{cfg.long_prompt_tokens}")
-    out.append((f"long-{cfg.long_prompt_tokens}", ids[:cfg.long_prompt_tokens]))
+    out.append((f"long-{cfg.long_prompt_tokens}", long_prompt(bb, held, cfg.long_prompt_tokens)))
     return out
+
+
+def long_prompt(bb, rows: list[dict], n: int) -> list[int]:
+    """n token ids past the 512-token window: the rows' texts one after another (one BOS)."""
+    ids = []
+    for r in rows:
+        ids += bb.encode(r["text"], max_tokens=n, truncate=True)[(1 if ids else 0):]
+        if len(ids) >= n:
+            break
+    if len(ids) < n:
+        raise AGPError(f"the held-out lanes hold only {len(ids)} tokens; the long prompt needs {n}")
+    return ids[:n]
 
 
 def lossy_modes(heads, cfg: RuntimeArgs) -> list[tuple[str, dict]]:

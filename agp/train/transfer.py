@@ -52,9 +52,12 @@ class TransferArgs(ConfigMixin):
     top_k: int = 32                   # teacher logits stored per position (with the logsumexp)
     codecs: list = field(default_factory=lambda: list(CODECS))
     layers: list | None = None        # boundaries; None: split-map onset, D, late boundary B
+    long_prompt_tokens: int = 640     # one span past the 512-token window, resumed at B (0: skip)
     seed: int = 0                     # TurboQuant rotation seed
 
     def validate(self) -> None:
+        if self.long_prompt_tokens < 0:
+            raise AGPError(f"--transfer-long-prompt-tokens must be >= 0, got {self.long_prompt_tokens}")
         for name in ("prompts", "heldout_prompts", "max_tokens", "continuation", "top_k"):
             if getattr(self, name) < 1:
                 raise AGPError(f"--transfer-{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -72,9 +75,10 @@ def run(run, args) -> dict:
     table = rate_distortion(inp, cfg)
     choice = decide(table, inp.late)
     link = end_to_end(inp, cfg, choice)
+    long = long_resume(inp, cfg, choice)
     out = run.stage_dir(NAME)
     write(out, inp, data, table)
-    metrics = stage_metrics(cfg, inp, data, table, choice, link, time.perf_counter() - t0)
+    metrics = stage_metrics(cfg, inp, data, table, choice, link, long, time.perf_counter() - t0)
     from agp.report.transfer import write_report
     write_report(out, metrics)
     run.update_stage(NAME, artifacts={"dataset": [run.relative(out / f"dataset_L{b}.npz") for b in inp.layers],
@@ -94,6 +98,7 @@ class Inputs:
     decision: int
     late: int
     labels: dict                     # (prompt id, position) -> route class name
+    long_rows: list                  # every held-out row of the lane, for the span past the window
 
 
 def inputs(run, cfg: TransferArgs, model=None) -> Inputs:
@@ -111,9 +116,10 @@ def inputs(run, cfg: TransferArgs, model=None) -> Inputs:
         raise AGPError(f"transfer boundaries {layers} must lie in 1..{bb.n_layers - 1}; pick --transfer-layers there")
     lane = "transfer" if any(r["lane"] == "transfer" for r in src.rows["train"]) else "routing"
     want = {"train": cfg.prompts, "valid": max(1, cfg.prompts // 4), "heldout": cfg.heldout_prompts}
-    rows = {s: pick([r for r in src.rows[s] if r["lane"] == lane] or src.rows[s], want[s]) for s in SPLITS}
+    of_lane = {s: [r for r in src.rows[s] if r["lane"] == lane] or src.rows[s] for s in SPLITS}
+    rows = {s: pick(of_lane[s], want[s]) for s in SPLITS}
     return Inputs(bb, rows, lane, src.adapter_dir, layers, onset, int(calib["decision_layer"]), late,
-                  route_labels(run))
+                  route_labels(run), pick(of_lane["heldout"], len(of_lane["heldout"])))
 
 
 def route_labels(run) -> dict:
@@ -214,8 +220,10 @@ def summarise(b: int, codec: str, got: list) -> dict:
     positions = sum(len(g.kl) for g, _ in got)
     firsts = [g.first_divergence for g, _ in got]
     return {"layer": b, "codec": codec, "prompts": len(got), "positions": positions,
-            "bytes_per_token": sum(g.span_bytes for g, _ in got) / sum(len(g.kl) - (g.prologue_bytes > 0) for g, _ in got),
-            "prologue_bytes": float(np.mean([g.prologue_bytes for g, _ in got])),
+            "bytes_per_token": sum(g.span_bytes for g, _ in got) / sum(len(g.kl) - g.exact_positions for g, _ in got),
+            "exact_bytes": float(np.mean([g.exact_bytes for g, _ in got])),
+            "exact_positions": float(np.mean([g.exact_positions for g, _ in got])),
+            "all_in_bytes_per_token": sum(g.span_bytes + g.exact_bytes for g, _ in got) / positions,
             "step_packet_bytes": float(np.nanmean([g.step_bytes for g, _ in got])),
             "cosine": float(np.mean([g.cosine for g, _ in got])), "mse": float(np.mean([g.mse for g, _ in got])),
             "kl": float(kl.mean()), "kl_p95": float(np.percentile(kl, 95)), "top1": float(top1.mean()),
@@ -292,6 +300,27 @@ def end_to_end(inp: Inputs, cfg: TransferArgs, choice: Choice) -> dict:
             "continuation_agreement": linked.agreement, "span_bytes": linked.span_bytes}
 
 
+# --- past the sliding window -----------------------------------------------------------------------------
+def long_resume(inp: Inputs, cfg: TransferArgs, choice: Choice) -> list[dict]:
+    """One span past the 512-token window resumed at B with f32 (must stay bit for bit: the sliding
+    window layers' caches on the resuming host), q8_0 and the chosen codec (whose error compounds
+    through every earlier position's KV). Logits are compared after the last max_tokens positions."""
+    if not cfg.long_prompt_tokens:
+        return []
+    from agp.train.runtime import long_prompt
+    from agp.transfer.measure import resume, teacher
+    ids = long_prompt(inp.bb, inp.long_rows, cfg.long_prompt_tokens)
+    t = teacher(inp.bb, ids, [choice.layer], cfg.continuation, tail=cfg.max_tokens)
+    rows = []
+    for codec in dict.fromkeys(["f32", "q8_0", choice.codec]):
+        r = resume(inp.bb, choice.layer, codec, t, cfg.seed)
+        rows.append({"layer": choice.layer, "codec": codec, "tokens": len(ids), "scored_positions": t.tail,
+                     "exact_positions": r.exact_positions,
+                     "kl": float(r.kl.mean()), "top1": float(r.top1.mean()), "max_abs_logit_diff": r.max_abs_logit_diff,
+                     "continuation_agreement": r.agreement, "continuation_identical": r.first_divergence is None})
+    return rows
+
+
 # --- files and metrics ----------------------------------------------------------------------------------
 def write(out: Path, inp: Inputs, data: Dataset, table: Table) -> None:
     for b, arrays in data.arrays.items():
@@ -305,7 +334,8 @@ def write(out: Path, inp: Inputs, data: Dataset, table: Table) -> None:
     io.write_json(out / "rate_distortion.json", {"rows": table.rows, "by_route": table.by_class})
 
 
-def stage_metrics(cfg, inp: Inputs, data: Dataset, table: Table, choice: Choice, link: dict, seconds: float) -> dict:
+def stage_metrics(cfg, inp: Inputs, data: Dataset, table: Table, choice: Choice, link: dict, long: list,
+                  seconds: float) -> dict:
     f32 = [r for r in table.rows if r["codec"] == "f32"]
     split_of = {}
     for s in SPLITS:
@@ -323,7 +353,7 @@ def stage_metrics(cfg, inp: Inputs, data: Dataset, table: Table, choice: Choice,
                                     for r in f32),
             "decision": {"layer": choice.layer, "codec": choice.codec, "why": choice.why,
                          "meets_goal": choice.meets_goal, "goal": GOAL, "adapter": "not built yet (raw codecs only)"},
-            "end_to_end": link,
+            "end_to_end": link, "long_span": long,
             "headline": {"top1": choice.row["top1"], "kl": choice.row["kl"],
                          "bytes_per_token": choice.row["bytes_per_token"], "codec": choice.codec},
             "seconds": seconds}

@@ -10,7 +10,7 @@ Per position it returns the exact KL(full depth || resumed) over the whole vocab
 the resumed top-1 equals full depth's; per prompt the hidden cosine and MSE of the received span,
 the continuation's agreement and first divergence, and the bytes on the wire (the whole packet,
 headers included: amortised over the span's states, and per one-token continuation packet; the
-session prologue that carries the BOS state exactly is counted apart, agp.transfer.resume).
+f32 packets that carry attention-sink states exactly are counted apart, agp.transfer.resume).
 """
 from __future__ import annotations
 
@@ -20,15 +20,16 @@ import mlx.core as mx
 import numpy as np
 
 from agp.runtime.full import greedy
-from agp.transfer.resume import Resumer, Sender, Wire, receiver_for
+from agp.transfer.resume import SINK_LIMIT, Resumer, Sender, Wire, receiver_for
 
 
 @dataclass
 class Teacher:
     ids: list
     states: dict            # boundary -> [n, H] float32 states after that many blocks
-    logits: mx.array        # [n, V] full-depth logits after every position
+    logits: mx.array        # [tail, V] full-depth logits after each of the last `tail` positions
     continuation: list      # k greedy full-depth tokens after the prompt
+    tail: int = 0           # positions the logits cover (the whole span unless the span is long)
     logp: mx.array = None   # [n, V] log softmax(logits) and its exp, computed once per prompt so
     probs: mx.array = None  # each codec's KL costs one logsumexp instead of three (MLX's CPU exp is slow)
     top1: mx.array = None
@@ -49,22 +50,29 @@ class Resumed:
     continuation: list
     agreement: float                # continuation tokens equal to full depth's
     first_divergence: int | None    # index of the first differing continuation token
-    span_bytes: int                 # the span's packet (every state after the prologue)
-    prologue_bytes: int             # the session prologue: the BOS state in f32 (0 without BOS)
+    span_bytes: int                 # the codec's packets of the span
+    exact_bytes: int                # the f32 packets of the span's attention-sink positions
+    exact_positions: int            # how many positions those carry
     step_bytes: float               # mean packet size of a one-token continuation step
     max_abs_logit_diff: float       # over the span (0 for a lossless resume)
 
 
-def teacher(bb, ids: list, layers, k: int) -> Teacher:
+def teacher(bb, ids: list, layers, k: int, tail: int | None = None) -> Teacher:
+    """Full depth over `ids`: the states at `layers`, the logits after the last `tail` positions
+    (all by default; a long span's full-vocabulary logits would not fit in memory) and k greedy
+    tokens. The head runs on exactly the rows the resumer's head will, so an exact resume can be
+    compared bit for bit."""
     cache = bb.make_cache()
-    logits, got = bb.capture(mx.array([ids]), sorted(set(layers)), cache)
+    tail = min(tail or len(ids), len(ids))
+    p, h, at, got = bb.states(mx.array([ids]), sorted(set(layers)), cache)
+    logits = bb.head(p.run(h, at, bb.n_layers)[:, -tail:])
     cont, last = [], logits[0, -1:]
     for _ in range(k):
         tok = int(greedy(last)[0].item())
         cont.append(tok)
         last = bb.forward(mx.array([[tok]]), cache)[0, -1:]
     states = {layer: np.asarray(got[layer][0].astype(mx.float32)) for layer in got}
-    return Teacher(list(ids), states, logits[0].astype(mx.float32), cont)
+    return Teacher(list(ids), states, logits[0].astype(mx.float32), cont, tail)
 
 
 def kl_and_top1(t: Teacher, got: mx.array) -> tuple[np.ndarray, np.ndarray]:
@@ -83,10 +91,8 @@ def resume(bb, layer: int, codec: str, t: Teacher, seed: int = 0, transport=None
     wire, sender = Wire(bb, layer, codec, seed=seed), Sender(bb, layer)
     resumer = Resumer(bb, layer, receiver_for(bb))
     sent = sender.states(t.ids)
-    first = 1 if t.ids[0] == bb.bos_id and len(t.ids) > 1 else 0
-    prologue = wire.packet(sent[:1], 0, exact=True) if first else b""
-    packet = wire.packet(sent[first:], first)
-    logits, got = resumer.accept(*[carry(p) for p in (prologue, packet) if p])
+    packets = wire.packets(sent, 0)
+    logits, got = resumer.accept(*[carry(p) for p, _ in packets], tail=t.tail)
     kl, top1 = kl_and_top1(t, logits)
     diff = float(mx.abs(logits.astype(mx.float32) - t.logits).max().item())
     cont, steps, last = [], [], logits[-1:]
@@ -95,11 +101,13 @@ def resume(bb, layer: int, codec: str, t: Teacher, seed: int = 0, transport=None
         cont.append(tok)
         if i + 1 == len(t.continuation):
             break
-        step = wire.packet(sender.states([tok]), len(t.ids) + i)
-        steps.append(len(step))
-        last = resumer.accept(carry(step))[0][-1:]
+        step = [p for p, _ in wire.packets(sender.states([tok]), len(t.ids) + i)]
+        steps.append(sum(len(p) for p in step))
+        last = resumer.accept(*[carry(p) for p in step])[0][-1:]
     agree = [a == b for a, b in zip(cont, t.continuation)]
     cos = (got * sent).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(sent, axis=1) + 1e-12)
     return Resumed(kl, top1, float(cos.mean()), float(((got - sent) ** 2).mean()), cont,
                    float(np.mean(agree)) if agree else 1.0, next((i for i, ok in enumerate(agree) if not ok), None),
-                   len(packet), len(prologue), float(np.mean(steps)) if steps else float("nan"), diff)
+                   sum(len(p) for p, exact in packets if not exact), sum(len(p) for p, exact in packets if exact),
+                   int((np.abs(sent).max(axis=1) > SINK_LIMIT).sum()), float(np.mean(steps)) if steps else float("nan"),
+                   diff)

@@ -8,10 +8,12 @@ one codec, framed as an AGP-PTP packet (identity + payload, docs/ptp.md) and acc
 error compounds through its KV exactly as it would across hosts, instead of being measured on
 one position against a clean cache.
 
-The first state of a session, the BOS position's (the attention sink: |h| ~ 1e5 in Gemma 3,
-beyond fp16's range and far from every other state), travels in its own f32 packet, the session
-prologue; every later state goes with the codec under test. Its bytes are reported apart: they
-amortise to nothing over a session, while the per-state bytes do not.
+Attention-sink states travel exactly. Gemma 3 has a few positions whose state is huge: the BOS
+position (|h| ~ 1e5 at blocks 12-15) and, in long text, some later ones (9.2e4 measured at a
+position ~230 of a 640-token span), beyond fp16's 65 504 and far from every other state. A codec
+that mangles them harms every later position through the KV. `Wire.packets` therefore cuts a
+span into runs: positions whose largest |h| exceeds SINK_LIMIT go in f32 packets, the rest with
+the codec under test. Their bytes are reported apart: a session has a handful of them.
 
 A session is a sequence of spans. The resumer refuses, with a typed error and before touching its
 cache, a span that does not start where the previous one ended (a gap, a duplicate, out of
@@ -30,6 +32,8 @@ from agp.ptp.errors import PTPError
 from agp.quant.registry import make_codec
 
 SENDER, RESUMER = "agp-sender", "agp-resumer"
+# Half of fp16's range: Gemma's ordinary states stay under ~2.7e4 at every block, its sinks reach ~1e5.
+SINK_LIMIT = 32768.0
 
 
 class SpanGap(PTPError):
@@ -69,7 +73,7 @@ class Wire:
 
     def packet(self, states: np.ndarray, start: int, exact: bool = False) -> bytes:
         """The AGP-PTP packet carrying the states [n, H] of positions start .. start + n - 1
-        (with the f32 codec when `exact`: the session prologue)."""
+        (with the f32 codec when `exact`: attention-sink positions)."""
         from agp.ptp.packet import encode_packet
         from agp.ptp.sections import Identity, Packet, Payload
         self._seq += 1
@@ -77,6 +81,14 @@ class Wire:
                        self.session, start, len(states), self.layer, self._seq, SENDER, RESUMER)
         blob = self._codecs["f32" if exact else self.codec].encode(np.asarray(states, np.float32))
         return encode_packet(Packet(idn, Payload(blob)))
+
+    def packets(self, states: np.ndarray, start: int) -> list[tuple[bytes, bool]]:
+        """The span as consecutive runs, (packet, exact): attention-sink positions (largest |h| >
+        SINK_LIMIT) in f32, every other run with the codec."""
+        sink = np.abs(states).max(axis=1) > SINK_LIMIT
+        cuts = [0] + [i for i in range(1, len(states)) if sink[i] != sink[i - 1]] + [len(states)]
+        return [(self.packet(states[a:b], start + a, exact=bool(sink[a])), bool(sink[a]))
+                for a, b in zip(cuts, cuts[1:])]
 
 
 def receiver_for(bb, loopback: bool = False):
@@ -107,10 +119,11 @@ class Resumer:
         self.cache, self.next = bb.make_cache(), 0
         self.dtype = bb.model.model.embed_tokens.weight.dtype
 
-    def accept(self, *packets: bytes) -> tuple[mx.array, np.ndarray]:
+    def accept(self, *packets: bytes, tail: int | None = None) -> tuple[mx.array, np.ndarray]:
         """One step of the resuming host: the packets' spans, which must follow each other and the
         session, run through layers [b, L) in one pass (as the sender ran them, so an exact codec
-        resumes to bitwise-identical logits). Returns (logits [n, V], the received states [n, H])."""
+        resumes to bitwise-identical logits). Returns (logits [tail, V] after the last `tail`
+        positions, all by default; the received states [n, H])."""
         received, at = [], self.next
         for data in packets:
             p = self.receiver.receive(data)
@@ -125,7 +138,7 @@ class Resumer:
             at += idn.span_len
         h = np.concatenate(received)
         out = self.bb.run_layers(mx.array(h)[None].astype(self.dtype), self.layer, self.bb.n_layers, self.cache)
-        logits = self.bb.head(out)[0]
+        logits = self.bb.head(out[:, -tail:] if tail else out)[0]
         mx.eval(logits)
         self.next = at
         return logits, h
