@@ -55,8 +55,18 @@ def main(args) -> int:
         print(json.dumps({"table": bench.table, "profile": bench.profile, "energy": bench.energy,
                           "controller_sidecar": loops}, indent=2))
         return 0
+    print_modes(bench, args.new_tokens)
+    print_energy(bench)
+    if loops:
+        print(f"routed loop, controller on Core ML {args.controller_on} vs on MLX (tok/s ratio, same tokens): " + "; ".join(
+            f"{r['prompt']} {r['sidecar_speedup']:.2f} {r['same_tokens']['agreement']:.3f}" for r in loops))
+    return 0
+
+
+def print_modes(bench, new_tokens: int) -> None:
+    """The mode table: speed against mlx-lm, cost and agreement against full depth, then the profile."""
     names = ", ".join(f"{p['name']}={p['tokens']}" for p in bench.prompts)
-    print(f"prompts: {names}; {args.new_tokens} new tokens")
+    print(f"prompts: {names}; {new_tokens} new tokens")
     print(f"{'mode':<26}{'tok/s x mlx-lm':>15}{'  per prompt':<48}{'MACs x full':>13}{'reads x full':>14}"
           f"{'agree':>8}{'accept':>8}{'tok/round':>10}")
     f = lambda x, s="{:.3f}": "-" if x is None else s.format(x)  # noqa: E731
@@ -71,11 +81,6 @@ def main(args) -> int:
             f"{k} {spec['tok_s_ratio_per_prompt'][k]:.2f} {f(v, '{:.2f}')} {f(spec['tokens_per_round_per_prompt'][k], '{:.2f}')}"
             for k, v in spec["acceptance_per_prompt"].items()))
     print("profile (ms): " + ", ".join(f"{k}={v:.1f}" for k, v in bench.profile.items() if v is not None))
-    print_energy(bench)
-    if loops:
-        print(f"routed loop, controller on Core ML {args.controller_on} vs on MLX (tok/s ratio, same tokens): " + "; ".join(
-            f"{r['prompt']} {r['sidecar_speedup']:.2f} {r['same_tokens']['agreement']:.3f}" for r in loops))
-    return 0
 
 
 def sidecar_heads(run, heads, controller_on: str):
