@@ -21,10 +21,12 @@ LAYERS = {
     "calibrate": 4,
     "heads": 5,
     "report": 6,
-    "runtime": 7, "ane": 7,
-    "serve": 8,
-    "train": 9,            # stage modules: each wires the layers below into one curriculum stage
-    "commands": 10, "bench": 10, "cli": 10,   # applications
+    "runtime": 7,
+    "ane": 8,              # Core ML export of the heads and runtime pieces, the sidecar that replaces one
+    "transfer": 8,         # the split: sender, wire, resumer (over ptp, quant and the runtime's greedy rule)
+    "serve": 9,
+    "train": 10,           # stage modules: each wires the layers below into one curriculum stage
+    "commands": 11, "bench": 11, "cli": 11,   # applications
 }
 APPS = {"commands", "bench", "cli"}
 # upward imports allowed by name: none (report/build.py reads the order from agp.stages)

@@ -53,6 +53,21 @@ def read_prompt(args) -> str:
     return args.prompt
 
 
+def controller_sidecar(mode: str, controller_on: str):
+    """The heads adapter that serves the routed controller from Core ML, or None for MLX."""
+    if controller_on == "mlx":
+        return None
+    if mode != "routed":
+        raise AGPError(f"--controller-on applies to mode routed (the only mode with a controller), not {mode}")
+
+    def adapt(run, heads):
+        import dataclasses
+
+        from agp.ane.sidecar import serve_controller
+        return dataclasses.replace(heads, controller=serve_controller(run.path, heads.controller, controller_on))
+    return adapt
+
+
 def main(args) -> int:
     from agp.runtime import GenerateArgs, Generator
     from agp.runtime.session import open_generator
@@ -63,8 +78,8 @@ def main(args) -> int:
     if args.threshold is not None:
         ga.draft_min_confidence = ga.entropy_threshold = args.threshold
     prompt = read_prompt(args)
-    units = None if args.controller_on == "mlx" else args.controller_on
-    gen: Generator = open_generator(args.mode, ga, run_dir=args.run, model=args.model, controller_units=units)
+    gen: Generator = open_generator(args.mode, ga, run_dir=args.run, model=args.model,
+                                    adapt_heads=controller_sidecar(args.mode, args.controller_on))
     out = sys.stdout
     try:
         for ev in gen.generate(prompt):

@@ -6,10 +6,9 @@ from pathlib import Path
 from agp.errors import AGPError
 
 
-def open_generator(mode: str, args, run_dir: str | None = None, model: str | None = None,
-                   controller_units: str | None = None):
-    """A Generator for `mode`; `controller_units` (routed only) serves the controller from its
-    Core ML package on those compute units (agp.ane.sidecar) instead of MLX."""
+def open_generator(mode: str, args, run_dir: str | None = None, model: str | None = None, adapt_heads=None):
+    """A Generator for `mode`. `adapt_heads(run, heads) -> heads`, when given, replaces pieces of
+    the loaded heads before the decoder is built (the command line's Neural Engine sidecar)."""
     from agp import runs
     from agp.backbone import load
     from agp.runtime import heads as H
@@ -38,9 +37,6 @@ def open_generator(mode: str, args, run_dir: str | None = None, model: str | Non
                 raise
     bb = load(model, adapter=adapter)
     heads = H.load(run, bb, mode) if H.needs_heads(mode) else None
-    if controller_units is not None:
-        if mode != "routed":
-            raise AGPError(f"--controller-on applies to mode routed (the only mode with a controller), not {mode}")
-        from agp.ane.sidecar import serve_controller
-        heads.controller = serve_controller(run.path, heads.controller, controller_units)
+    if adapt_heads is not None:
+        heads = adapt_heads(run, heads)
     return Generator(bb, mode, heads, args)
