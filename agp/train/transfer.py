@@ -30,13 +30,13 @@ from tqdm import tqdm
 from agp import config, io
 from agp.config import ConfigMixin
 from agp.errors import AGPError
+from agp.train.runtime import SPLITS
 
 NAME = "transfer"
 MARKER = "stage5"
 REQUIRES = ["baseline", "controller", "runtime"]   # split map, D and route labels, late boundary and lanes
 HEADLINE = {"resumed top-1 at B": "headline.top1", "resumed KL at B": "headline.kl",
             "bytes / token": "headline.bytes_per_token"}
-SPLITS = ("train", "valid", "heldout")
 # f32 is the resume check (bitwise-identical logits); the rest is the rate-distortion sweep
 CODECS = ("f32", "fp16", "q8_0", "tq8", "tq4", "tq3", "tq2")
 GOAL = {"top1": 0.99, "kl": 0.05, "bytes_per_token": 128}    # the issue's goal at the late boundary
@@ -74,7 +74,7 @@ def run(run, args) -> dict:
     data = collect(inp, cfg)
     table = rate_distortion(inp, cfg)
     choice = decide(table, inp.late)
-    link = end_to_end(inp, cfg, choice)
+    link = end_to_end(inp, cfg, choice, table)
     long = long_resume(inp, cfg, choice)
     out = run.stage_dir(NAME)
     write(out, inp, data, table)
@@ -194,11 +194,12 @@ def top_k(logits, k: int):
 class Table:
     rows: list                       # one per (boundary, codec), aggregated over held-out prompts
     by_class: list                   # one per (boundary, codec, route class)
+    first: dict = field(default_factory=dict)   # (boundary, codec) -> (teacher, Resumed) of the first held-out prompt
 
 
 def rate_distortion(inp: Inputs, cfg: TransferArgs) -> Table:
     from agp.transfer.measure import resume, teacher
-    acc = {}
+    acc, first = {}, {}
     held = inp.rows["heldout"]
     bar = tqdm(total=len(held) * len(inp.layers) * len(cfg.codecs), desc="transfer: resume per codec", unit="resume")
     for r in held:
@@ -208,10 +209,11 @@ def rate_distortion(inp: Inputs, cfg: TransferArgs) -> Table:
         for b in inp.layers:
             for codec in cfg.codecs:
                 acc.setdefault((b, codec), []).append((resume(inp.bb, b, codec, t, cfg.seed), routes))
+                first.setdefault((b, codec), (t, acc[b, codec][0][0]))
                 bar.update(1)
     bar.close()
     rows = [summarise(b, codec, got) for (b, codec), got in acc.items()]
-    return Table(rows, [c for (b, codec), got in acc.items() for c in by_route(b, codec, got)])
+    return Table(rows, [c for (b, codec), got in acc.items() for c in by_route(b, codec, got)], first)
 
 
 def summarise(b: int, codec: str, got: list) -> dict:
@@ -270,14 +272,14 @@ def decide(table: Table, late: int) -> Choice:
 
 
 # --- packets over a socket ------------------------------------------------------------------------------
-def end_to_end(inp: Inputs, cfg: TransferArgs, choice: Choice) -> dict:
+def end_to_end(inp: Inputs, cfg: TransferArgs, choice: Choice, table: Table) -> dict:
     """The chosen configuration on the first held-out prompt with every packet carried over a
     socket pair (length-prefixed frames, bounded timeouts) before the resumer reads it; the
-    result must equal the in-process one, or the table is not what a second host would see."""
+    result must equal the table's in-process resume of that prompt, or the table is not what a
+    second host would see."""
     from agp.ptp.loopback import recv_frame, send_frame
-    from agp.transfer.measure import resume, teacher
-    ids = inp.bb.encode(inp.rows["heldout"][0]["text"], max_tokens=cfg.max_tokens, truncate=True)
-    t = teacher(inp.bb, ids, [choice.layer], cfg.continuation)
+    from agp.transfer.measure import resume
+    t, local = table.first[choice.layer, choice.codec]
     tx, rx = socket.socketpair()
     for s in (tx, rx):
         s.settimeout(5.0)
@@ -293,7 +295,6 @@ def end_to_end(inp: Inputs, cfg: TransferArgs, choice: Choice) -> dict:
     finally:
         tx.close()
         rx.close()
-    local = resume(inp.bb, choice.layer, choice.codec, t, cfg.seed)
     same = bool(np.array_equal(linked.kl, local.kl) and linked.continuation == local.continuation)
     return {"layer": choice.layer, "codec": choice.codec, "frames": frames[0], "identical_to_in_process": same,
             "kl": float(linked.kl.mean()), "top1": float(linked.top1.mean()),
