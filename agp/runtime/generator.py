@@ -50,15 +50,16 @@ def decoder_class(mode: str):
 
 
 class Generator:
-    """Greedy generation from `bb` in `mode`, with the heads a mode needs (`agp.runtime.heads`)."""
+    """Greedy generation from `bb` in `mode`, with the heads a mode needs (`agp.runtime.heads`).
+    `decoder(bb, costs, heads, args)` replaces the mode's single-host decoder class."""
 
-    def __init__(self, bb, mode: str = "full", heads=None, args: GenerateArgs | None = None):
+    def __init__(self, bb, mode: str = "full", heads=None, args: GenerateArgs | None = None, decoder=None):
         self.bb, self.mode, self.heads = bb, mode, heads
         self.args = args or GenerateArgs()
         if self.args.max_new_tokens <= 0:
             raise AGPError(f"--max-new-tokens must be at least 1, got {self.args.max_new_tokens}")
         self.costs = CostModel(bb)
-        cls = decoder_class(mode)
+        cls = decoder or decoder_class(mode)   # `decoder`: another host layout (agp.serve.remote)
         self.args.mode = mode
         self.decoder = cls(bb, self.costs, heads, self.args)
         self.mode = getattr(self.decoder, "name", mode)

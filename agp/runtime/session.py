@@ -6,9 +6,11 @@ from pathlib import Path
 from agp.errors import AGPError
 
 
-def open_generator(mode: str, args, run_dir: str | None = None, model: str | None = None, adapt_heads=None):
+def open_generator(mode: str, args, run_dir: str | None = None, model: str | None = None, adapt_heads=None,
+                   decoder=None):
     """A Generator for `mode`. `adapt_heads(run, heads) -> heads`, when given, replaces pieces of
-    the loaded heads before the decoder is built (the command line's Neural Engine sidecar)."""
+    the loaded heads before the decoder is built (the command line's Neural Engine sidecar);
+    `decoder(bb) -> decoder class` another host layout (the two-host split)."""
     from agp import runs
     from agp.backbone import load
     from agp.runtime import heads as H
@@ -39,4 +41,4 @@ def open_generator(mode: str, args, run_dir: str | None = None, model: str | Non
     heads = H.load(run, bb, mode) if H.needs_heads(mode) else None
     if adapt_heads is not None:
         heads = adapt_heads(run, heads)
-    return Generator(bb, mode, heads, args)
+    return Generator(bb, mode, heads, args, decoder=decoder(bb) if decoder else None)

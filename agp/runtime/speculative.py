@@ -104,8 +104,17 @@ class FeatureDraft:
         self.f = h[:, a:a + 1]      # the state whose head emitted the next round's t0
 
 
+def accepted(drafts: list, y: list) -> int:
+    """The longest prefix of the drafts that the verified greedy tokens agree with."""
+    a = 0
+    while a < len(drafts) and drafts[a] == y[a]:
+        a += 1
+    return a
+
+
 class SpeculativeDecoder:
     name = "speculative"
+    local_layers = None            # the layers whose KV this host holds (None: all)
 
     def __init__(self, bb, costs, heads, args):
         if bb.arch != "gemma3_text":
@@ -129,23 +138,28 @@ class SpeculativeDecoder:
         self.drafter.reset(prefill(self.bb, ids[:-1], self.cache))
         self.pending, self.context = ids[-1], len(ids)
 
-    def round(self, budget: int) -> Round:
-        bb, L = self.bb, self.bb.n_layers
-        drafts, h, start, cost = self.drafter.draft(max(0, min(self.args.draft_max, budget - 1)))
-        k = len(drafts)
-        h = bb.run_layers(h, start, L, self.cache)
-        y = greedy(bb.head(h))[0]
+    def verify(self, h, start: int, drafts: list) -> tuple[int, int, mx.array]:
+        """Layers [start, L) and the full head on t0, d1..d_k in one pass: (accepted count a, the
+        full-depth token after the accepted prefix, the final state [1, 1, H] of the position that
+        emitted it). agp.serve's two-host decoder runs the same verify across a split."""
+        h = self.bb.run_layers(h, start, self.bb.n_layers, self.cache)
+        y = greedy(self.bb.head(h))[0]
         mx.eval(y, h)
         y = y.tolist()
-        a = 0
-        while a < k and drafts[a] == y[a]:
-            a += 1
+        a = accepted(drafts, y)
+        return a, y[a], h[:, a:a + 1]
+
+    def round(self, budget: int) -> Round:
+        L = self.bb.n_layers
+        drafts, h, start, cost = self.drafter.draft(max(0, min(self.args.draft_max, budget - 1)))
+        k = len(drafts)
+        a, token, final = self.verify(h, start, drafts)
         end = self.context + k      # keys after this round's k+1 positions
         cost += self.costs.layers(start, L, end, tokens=k + 1) + self.costs.head(k + 1)
-        rollback(self.cache, k - a)
-        self.drafter.verified(h, a)
-        out = drafts[:a] + [y[a]]
-        self.pending, self.context = y[a], self.context + a + 1
+        rollback(self.cache, k - a, self.local_layers)
+        self.drafter.verified(final, 0)
+        out = drafts[:a] + [token]
+        self.pending, self.context = token, self.context + a + 1
         actions = ["draft_accepted"] * a + ["correction" if a < k else "full"]
         # every emitted token had its full-depth state computed (in the verify pass)
         return Round(out, actions, [L] * (a + 1), cost, drafted=k, accepted=a)

@@ -114,19 +114,22 @@ class Sender:
 class Resumer:
     """Layers [b, L) and the head with the resuming host's own cache, fed only by packets."""
 
-    def __init__(self, bb, layer: int, receiver):
+    def __init__(self, bb, layer: int, receiver, cache=None):
         self.bb, self.layer, self.receiver = bb, int(layer), receiver
-        self.cache, self.next = bb.make_cache(), 0
+        self.cache, self.next = (bb.make_cache() if cache is None else cache), 0
         self.dtype = bb.model.model.embed_tokens.weight.dtype
+        self.out = None        # the final states [1, n, H] (before the norm) of the last accepted spans
 
-    def accept(self, *packets: bytes, tail: int | None = None) -> tuple[mx.array, np.ndarray]:
+    def accept(self, *packets, tail: int | None = None, head: bool = True) -> tuple[mx.array | None, np.ndarray]:
         """One step of the resuming host: the packets' spans, which must follow each other and the
         session, run through layers [b, L) in one pass (as the sender ran them, so an exact codec
-        resumes to bitwise-identical logits). Returns (logits [tail, V] after the last `tail`
-        positions, all by default; the received states [n, H])."""
+        resumes to bitwise-identical logits). A packet is bytes (received and checked here) or a
+        Packet its caller already received. Returns (logits [tail, V] after the last `tail`
+        positions, all by default, or None without `head`; the received states [n, H])."""
+        from agp.ptp.sections import Packet
         received, at = [], self.next
         for data in packets:
-            p = self.receiver.receive(data)
+            p = data if isinstance(data, Packet) else self.receiver.receive(data)
             idn = p.identity
             if idn.layer != self.layer:
                 raise WrongBoundary(f"state after block {idn.layer}, this resumer continues from block {self.layer}",
@@ -138,7 +141,7 @@ class Resumer:
             at += idn.span_len
         h = np.concatenate(received)
         out = self.bb.run_layers(mx.array(h)[None].astype(self.dtype), self.layer, self.bb.n_layers, self.cache)
-        logits = self.bb.head(out[:, -tail:] if tail else out)[0]
-        mx.eval(logits)
-        self.next = at
+        logits = self.bb.head(out[:, -tail:] if tail else out)[0] if head else None
+        mx.eval(out if logits is None else [out, logits])
+        self.next, self.out = at, out
         return logits, h

@@ -1,0 +1,151 @@
+"""The resume server over loopback on the tiny Gemma 3: two-host speculative and the naive split
+equal single-host `full` token for token past the sliding window; a restarted server is caught
+up from the client's spans; duplicates are answered from memory; bad frames get a typed error
+and a closed connection while other sessions keep being served."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import struct
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from agp.backbone import load
+from agp.errors import AGPError
+from agp.heads.exit import ExitHead
+from agp.runtime import GenerateArgs, Generator
+from agp.runtime.heads import RuntimeHeads
+from agp.serve import protocol as P
+from agp.serve.client import Client, parse_address
+from agp.serve.remote import RemoteSplit, remote_decoder
+from agp.serve.server import ResumeServer, ServeArgs, ServerThread
+
+mx.set_default_device(mx.cpu)
+LOOP = "for i in range(3):\n    print(i)  # loop\n" * 20
+
+
+@pytest.fixture(scope="module")
+def bb(tiny_model_dir, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("tiny-serve") / "gemma3_text"
+    shutil.copytree(tiny_model_dir["gemma3_text"], dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["max_position_embeddings"] = 4096
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return load(str(dest))
+
+
+def heads_at(bb, layer):
+    return RuntimeHeads(exits={layer: ExitHead.identity(bb, layer, np.arange(bb.vocab_size))}, draft_layer=layer)
+
+
+def tokens(bb, ids, n, mode="full", heads=None, decoder=None, **kw):
+    g = Generator(bb, mode, heads, GenerateArgs(max_new_tokens=n, stop_at_eos=False, **kw), decoder=decoder)
+    return [e.token for e in g.generate(ids)], g.summary
+
+
+@pytest.fixture()
+def server(bb):
+    with ServerThread(ResumeServer(bb, 3, ServeArgs(port=0, frame_timeout_s=1.0))) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("n_prompt", [12, 620])
+def test_two_host_speculative_equals_full_past_the_window(bb, server, n_prompt):
+    ids = bb.encode(LOOP)[:n_prompt]
+    full, _ = tokens(bb, ids, 30)
+    link = RemoteSplit(bb, server.address, 3)
+    spec, s = tokens(bb, ids, 30, "speculative", heads_at(bb, 2), remote_decoder("speculative", link),
+                     draft_max=4, draft_min_confidence=0.0)
+    assert spec == full
+    assert s.drafted > s.accepted > 0          # rejections rolled back on both hosts
+    assert link.stats.round_trips == s.rounds + -(-(n_prompt - 1) // 2048)   # one crossing per round
+    naive, _ = tokens(bb, ids, 30, "full", decoder=remote_decoder("full", RemoteSplit(bb, server.address, 3)))
+    assert naive == full
+
+
+def test_a_restarted_server_is_caught_up_from_the_clients_spans(bb):
+    ids = bb.encode(LOOP)[:40]
+    full, _ = tokens(bb, ids, 24)
+    args = ServeArgs(port=0)
+    srv = ServerThread(ResumeServer(bb, 3, args)).start()
+    link = RemoteSplit(bb, srv.address, 3, retries=20)
+    g = Generator(bb, "speculative", heads_at(bb, 2), GenerateArgs(max_new_tokens=24, stop_at_eos=False,
+                                                                     draft_min_confidence=0.0),
+                  decoder=remote_decoder("speculative", link))
+    out = []
+    for i, ev in enumerate(g.generate(ids)):
+        out.append(ev.token)
+        if i == 8:          # kill it mid-session and start a fresh one on the same port
+            srv.stop()
+            srv = ServerThread(ResumeServer(bb, 3, ServeArgs(port=srv.address[1]))).start()
+    srv.stop()
+    assert out == full
+    assert link.stats.reconnects >= 1 and link.stats.resyncs == 1
+
+
+def test_a_duplicate_request_is_answered_from_memory(bb, server):
+    link = RemoteSplit(bb, server.address, 3)
+    ids = bb.encode("abc")
+    p = bb.start(mx.array([ids]), bb.make_cache())
+    h = np.asarray(p.run(p.h0, 0, 3)[0].astype(mx.float32))
+    req = link._request(P.RESUME, h, (), P.WANT_TOKEN)
+    first, again = link.client.call(req), link.client.call(req)
+    assert first.token == again.token and not again.status
+    assert server.server.stats.replays_answered == 1
+
+
+def raw(address, data: bytes, timeout=5.0) -> P.Response:
+    with socket.create_connection(address, timeout=timeout) as s:
+        s.sendall(data)
+        head = s.recv(4, socket.MSG_WAITALL)
+        (n,) = struct.unpack("<I", head)
+        body = s.recv(n, socket.MSG_WAITALL)
+        assert s.recv(1) == b""          # and then the server closed the connection
+    return P.Response.decode(body)
+
+
+@pytest.mark.parametrize("frame,reason", [
+    (struct.pack("<I", P.MAX_FRAME + 1), "oversize"),
+    (struct.pack("<I", 8) + b"\x09" * 8, "frame"),
+    (struct.pack("<I", 24) + P.REQ.pack(P.RESUME, 0, 0, 1, 7, 0, 1) + struct.pack("<I", 99), "frame"),
+    (struct.pack("<I", 40) + b"x" * 3, "timeout"),        # slow drip: the rest never comes
+])
+def test_bad_frames_get_a_typed_error_and_a_closed_connection(bb, server, frame, reason):
+    link = RemoteSplit(bb, server.address, 3)     # another session, served throughout
+    resp = raw(server.address, frame)
+    assert resp.status and resp.error[0] == reason
+    assert link.client.call(P.Request(P.PING)).status == 0
+
+
+def test_a_packet_for_another_model_is_refused(bb, server, tiny_model_dir):
+    other = load(tiny_model_dir["gemma4_text"])
+    with pytest.raises(AGPError, match="another model"):
+        RemoteSplit(other, server.address, 3)
+    link = RemoteSplit(bb, server.address, 3)
+    from agp.transfer.resume import Wire
+    wire = Wire(other, 3, "f32", session=link.session)
+    req = P.Request(P.RESUME, session=link.session, packets=[wire.packet(np.zeros((1, other.hidden_size), np.float32), 0)])
+    resp = link.client.call(req)
+    assert resp.status and resp.error[0] == "fingerprint"
+
+
+def test_wrong_split_and_address_are_one_line_errors(bb, server):
+    with pytest.raises(AGPError, match="--layers 4:"):
+        RemoteSplit(bb, server.address, 4)
+    with pytest.raises(AGPError, match="HOST:PORT"):
+        parse_address("localhost")
+    with pytest.raises(AGPError, match="needs a key"):
+        ResumeServer(bb, 3, ServeArgs(host="0.0.0.0"))
+
+
+def test_keyed_frames_are_authenticated(bb):
+    key = b"k" * 32
+    with ServerThread(ResumeServer(bb, 3, ServeArgs(port=0), key=key)) as srv:
+        assert Client(srv.address, key=key).connect().hello()["keyed"]
+        with pytest.raises(P.BadTag):   # refused, and the refusal is tagged with the server's key
+            Client(srv.address, key=b"x" * 32).connect().call(P.Request(P.PING))
+        assert srv.server.stats.errors["auth"] == 1
