@@ -102,6 +102,22 @@ def test_round_trip_gains_rtt(rtt_ms):
     assert rtt_ms <= relayed < rtt_ms + slack, (direct, relayed)
 
 
+def test_delay_is_by_timestamp_not_cumulative():
+    """Ten pings 2 ms apart, answers read at the end: each is held rtt from its own arrival, so the
+    last answer comes ~rtt after the last ping; a sleep per chunk would queue them, 10 ms each way."""
+    rtt_ms, count = 20.0, 10
+    with Server(_Echo) as echo, DelayRelay(target=echo, rtt_ms=rtt_ms) as relay, connect(relay.address) as sock:
+        for _ in range(count):
+            sock.sendall(b"p")
+            last_sent = time.perf_counter()
+            time.sleep(0.002)
+        got = recv_exactly(sock, count)
+        after_last_ms = (time.perf_counter() - last_sent) * 1e3
+    assert got == b"p" * count
+    # a per-chunk sleep would put this near 10 * 20 - 18 = 182 ms; slack as in the rtt test
+    assert rtt_ms <= after_last_ms < rtt_ms + 25.0, after_last_ms
+
+
 def test_megabyte_arrives_in_order():
     payload = os.urandom(1 << 20)  # random, not a repeated block, which would hide a swap of two blocks
     with Server(_Echo) as echo, DelayRelay(target=echo, rtt_ms=5.0) as relay, connect(relay.address) as sock:
