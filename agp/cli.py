@@ -30,7 +30,7 @@ except (KeyboardInterrupt, ImportError) as e:  # Ctrl-C while the first imports 
     sys.exit(130)
 
 # Each module defines `add_parser(subparsers)` which sets `func` on its parser.
-COMMANDS = ["run", "bench", "eval", "model", "data", "index", "generate", "export"]
+COMMANDS = ["run", "bench", "eval", "model", "data", "index", "generate", "export", "serve"]
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -149,3 +149,35 @@ def test_keyed_frames_are_authenticated(bb):
         with pytest.raises(P.BadTag):   # refused, and the refusal is tagged with the server's key
             Client(srv.address, key=b"x" * 32).connect().call(P.Request(P.PING))
         assert srv.server.stats.errors["auth"] == 1
+
+
+def test_agp_serve_and_generate_remote_through_the_cli(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`agp serve` in its own process, `agp generate --remote` here: the naive split's text
+    equals single-host full depth, and the summary carries the link's telemetry."""
+    import subprocess
+    import sys
+    from agp.cli import main
+    model = tiny_model_dir["gemma3_text"]
+    monkeypatch.setenv("AGP_RUNS", str(tmp_path / "runs"))
+    env = {**__import__("os").environ}
+    proc = subprocess.Popen([sys.executable, "-m", "agp.cli", "serve", "--layers", "3:6", "--port", "0",
+                             "--model", model], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        assert "agp serve: layers 3:6" in line, line
+        port = line.split(" on ")[1].split(";")[0].rsplit(":", 1)[1]
+        assert main(["generate", "abc", "--model", model, "--max-new-tokens", "8", "--json"]) == 0
+        local = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert main(["generate", "abc", "--model", model, "--max-new-tokens", "8", "--json",
+                     "--remote", f"127.0.0.1:{port}"]) == 0
+        remote = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert [e["token"] for e in remote[:-1]] == [e["token"] for e in local[:-1]]
+    link = remote[-1]["summary"]["link"]
+    assert link["round_trips"] >= 8 and link["reconnects"] == 0
+    assert main(["generate", "abc", "--model", model, "--split", "3"]) == 2
+    assert "--split applies only with --remote" in capsys.readouterr().err
+    assert main(["generate", "abc", "--model", model, "--mode", "entropy", "--remote", "127.0.0.1:1"]) == 2
+    assert "single-host only" in capsys.readouterr().err

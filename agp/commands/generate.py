@@ -34,6 +34,16 @@ def add_parser(sub):
                    help="routed: run the controller in MLX (default) or from its Core ML package on these compute "
                         "units (macOS; CPU_AND_NE is the Neural Engine sidecar; export it first with "
                         "`agp export coreml --heads controller --positions 1`)")
+    p.add_argument("--remote", default=None, metavar="HOST:PORT",
+                   help="two hosts: run layers [0, b) here and [b, L) on an `agp serve --layers b:L` there. "
+                        "Mode speculative crosses once per drafted round and equals full; mode full is the naive "
+                        "split (every token crosses)")
+    p.add_argument("--split", type=int, default=None, metavar="b",
+                   help="with --remote: the boundary layer (default: the server's)")
+    p.add_argument("--codec", default="f32",
+                   help="with --remote: how boundary states cross (f32 exact, the default; fp16, q8_0, tq4 are "
+                        "lossy; attention sinks always cross in f32)")
+    p.add_argument("--key-file", default=None, help="with --remote: the server's HMAC key file")
     p.add_argument("--json", action="store_true", help="print the events and the summary as JSON lines instead of text")
     p.set_defaults(func=main)
 
@@ -68,6 +78,29 @@ def controller_sidecar(mode: str, controller_on: str):
     return adapt
 
 
+def remote_split(args, links: list):
+    """The decoder factory for --remote (None without it); the link it opens goes in `links`."""
+    if args.remote is None:
+        for flag in ("split", "key_file"):
+            if getattr(args, flag) is not None:
+                raise AGPError(f"--{flag.replace('_', '-')} applies only with --remote HOST:PORT")
+        return None
+    from agp.commands.serve import read_key
+    from agp.serve.client import Client, parse_address
+    from agp.serve.remote import RemoteSplit, remote_decoder
+    address, key = parse_address(args.remote), read_key(args.key_file)
+    remote_decoder(args.mode, None)           # a mode that cannot run split fails before any loading
+
+    def make(bb):
+        split = args.split
+        if split is None:
+            with Client(address, key) as c:
+                split = c.hello()["layers"][0]
+        links.append(RemoteSplit(bb, address, split, codec=args.codec, key=key))
+        return remote_decoder(args.mode, links[-1])
+    return make
+
+
 def main(args) -> int:
     from agp.runtime import GenerateArgs, Generator
     from agp.runtime.session import open_generator
@@ -78,8 +111,10 @@ def main(args) -> int:
     if args.threshold is not None:
         ga.draft_min_confidence = ga.entropy_threshold = args.threshold
     prompt = read_prompt(args)
+    links = []
     gen: Generator = open_generator(args.mode, ga, run_dir=args.run, model=args.model,
-                                    adapt_heads=controller_sidecar(args.mode, args.controller_on))
+                                    adapt_heads=controller_sidecar(args.mode, args.controller_on),
+                                    decoder=remote_split(args, links))
     out = sys.stdout
     try:
         for ev in gen.generate(prompt):
@@ -91,9 +126,18 @@ def main(args) -> int:
             out.flush()
     except KeyboardInterrupt:
         gen.summary.interrupted = True
+    summary = gen.summary.to_dict()
+    if links:
+        summary["link"] = links[0].stats.to_dict(gen.summary.tokens)
+        links[0].close()
     if args.json:
-        out.write(json.dumps({"summary": gen.summary.to_dict()}) + "\n")
+        out.write(json.dumps({"summary": summary}) + "\n")
     else:
         out.write("\n")
         print(gen.summary.line(), file=sys.stderr)
+        if links:
+            link = summary["link"]
+            print(f"link: {link['round_trips']} round trips, {link.get('bytes_up_per_token', 0):.0f} B/token up, "
+                  f"rtt p50 {link['rtt_ms_p50']:.2f} ms p99 {link['rtt_ms_p99']:.2f} ms, "
+                  f"{link['reconnects']} reconnects", file=sys.stderr)
     return 130 if gen.summary.interrupted else 0

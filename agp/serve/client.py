@@ -9,6 +9,10 @@ from agp.ptp.errors import LengthMismatch, TruncatedPacket
 from agp.serve import protocol as P
 
 
+class Unreachable(AGPError, ConnectionError):
+    """No server answers at the address (a one-line error, and an OSError for the retry loop)."""
+
+
 def parse_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -33,7 +37,7 @@ class Client:
         try:
             self.sock = socket.create_connection(self.address, timeout=self.timeout_s)
         except OSError as e:
-            raise ConnectionError(f"cannot reach the resume server at {self.address[0]}:{self.address[1]} ({e}); "
+            raise Unreachable(f"cannot reach the resume server at {self.address[0]}:{self.address[1]} ({e}); "
                                   f"start it with `agp serve`") from e
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._pending.clear()
