@@ -27,6 +27,7 @@ ORDER = [
     ("depth", "agp.train.depth"),
     ("semantic", "agp.train.semantic"),
     ("transfer", "agp.train.transfer"),
+    ("serve", "agp.train.serve"),          # two hosts: the resume server over the transfer stage's wire
     ("joint", "agp.train.joint"),
 ]
 

@@ -208,3 +208,14 @@ STAGE5_FP16_TOP1_MIN = 0.99
 # differing position among ~50 and a 10x KL spread between spans.
 STAGE5_CHOSEN_TOP1_MIN = 0.9
 STAGE5_CHOSEN_KL_MAX = 0.1
+
+# --- stage 5, two hosts (agp serve) ----------------------------------------------------------------
+# The issue's goal for what the protocol adds per round trip on loopback (llama.cpp RPC adds ~0.8 ms
+# per token): an empty request's p50.
+STAGE5_SERVE_PING_P50_MS = 1.0
+# The emulated round trip of a Thunderbolt link; the issue asks two-host speculative to beat the naive
+# split at every round trip above it.
+STAGE5_SERVE_THUNDERBOLT_RTT_MS = 0.1
+# RSS growth allowed over the stage's short sessions (each opened, fed one span, closed). The sessions'
+# own KV is freed on close; what remains is allocator noise and the replay windows' bounded tables.
+STAGE5_SERVE_SESSIONS_RSS_MB = 64.0
