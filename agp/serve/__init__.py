@@ -1,0 +1,1 @@
+"""Serving: the resume server and the two-host splits (over backbone, runtime and transfer)."""
