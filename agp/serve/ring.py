@@ -85,6 +85,7 @@ class RingResult:
     decode_s: float
     rtt_ms_p50: float                 # per token: rank 0 embeds + runs [0, b), sends, gets the token
     rtt_ms_p99: float
+    rank0_ms_p50: float               # rank 0's own share of a step; the rest is the wire and rank 1
     state_bytes_per_token: int        # rank 0 -> rank 1: H x the state's itemsize
     token_bytes_per_token: int        # rank 1 -> rank 0
     prefill_state_bytes: int         # rank 0 -> rank 1 during prefill: (prompt - 1) x H x itemsize
@@ -138,6 +139,10 @@ def check_args(args: RingSplitArgs, config: dict) -> None:
         raise AGPError("ring split prompt_ids is empty; give at least one token id")
     if args.prompt_file is not None and not Path(args.prompt_file).is_file():
         raise AGPError(f"ring split prompt file {args.prompt_file} does not exist; give a text file")
+    vocab = int(config["vocab_size"])
+    if args.prompt_ids is not None and not all(0 <= int(t) < vocab for t in args.prompt_ids):
+        raise AGPError(f"ring split prompt_ids hold ids outside the model's vocabulary 0..{vocab - 1}; "
+                       f"encode the prompt with this model's tokenizer")
     limit = int(config.get("max_position_embeddings", 32768))
     n = len(args.prompt_ids) if args.prompt_ids is not None else 0
     if n + args.new_tokens > limit:
@@ -150,28 +155,51 @@ class PeerLost(AGPError):
     """The peer rank died or stopped answering."""
 
 
+# The watchdog runs as a tiny child process, not a thread: mx.distributed.init() blocks holding the
+# GIL (seen: a stalled peer froze the rank's watchdog thread until the peer died), so only another
+# process can bound it. The rank writes "label|phase" lines; silence for `timeout` seconds means
+# the peer is gone: the child prints the one line and kills the rank. EOF means the rank is done.
+_WATCHDOG = r"""
+import os, select, sys
+fd, timeout, rank = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+last = b"ring split rank|starting"
+while True:
+    if not select.select([fd], [], [], timeout)[0]:
+        label, _, phase = last.decode(errors="replace").partition("|")
+        sys.stderr.write(f"agp: error: {label}: no answer for {timeout:g} s after {phase} "
+                         f"(a rank died or stalled); rerun, or raise RingSplitArgs.timeout_s\n")
+        sys.stderr.flush()
+        os.kill(rank, 9)
+        break
+    data = os.read(fd, 1 << 16)
+    if not data:
+        break
+    last = data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+"""
+
+
 class PeerBound:
     """Bounded waits on the peer (agp.train.distributed.PeerWatch's rule, which this layer may
-    not import): `kick(phase)` after every message; with no kick for `timeout` seconds the process
-    prints one line and exits, since a thread can not interrupt a send/recv blocked inside MLX.
-    SIGTERM from the launcher (the other rank ended) becomes PeerLost in the main thread."""
-
-    EXIT = 75   # EX_TEMPFAIL: rerunning is the fix
+    not import): `kick(phase)` after every message; with no kick for `timeout` seconds a watchdog
+    process prints one line and ends the rank, since nothing inside it can interrupt a wait blocked
+    in MLX. SIGTERM from the launcher (the other rank ended) becomes PeerLost in the main thread."""
 
     def __init__(self, label: str, timeout: float):
-        self.label, self.timeout = label, float(timeout)
-        self.phase, self.deadline = "starting", time.monotonic() + self.timeout
-        self._stop = threading.Event()
-        self._old_term = None
+        self.label, self.timeout, self.phase = label, float(timeout), "starting"
+        self._fd, self._child, self._old_term = None, None, None
 
     def __enter__(self):
-        threading.Thread(target=self._watch, name="agp-ring-watch", daemon=True).start()
+        r, self._fd = os.pipe()
+        self._child = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHDOG, str(r), str(self.timeout),
+                                        str(os.getpid())], pass_fds=(r,), stdin=subprocess.DEVNULL)
+        os.close(r)
         if threading.current_thread() is threading.main_thread():
             self._old_term = signal.signal(signal.SIGTERM, self._on_term)
         return self
 
     def __exit__(self, exc_type, *exc):
-        self._stop.set()
+        os.close(self._fd)   # EOF: the watchdog exits
+        self._child.wait()
         if self._old_term is not None:
             # a rank ending with an error must print its line before the launcher's SIGTERM lands
             ending = exc_type is not None and issubclass(exc_type, Exception)
@@ -179,15 +207,8 @@ class PeerBound:
         return False
 
     def kick(self, phase: str) -> None:
-        self.phase, self.deadline = phase, time.monotonic() + self.timeout
-
-    def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, self.timeout / 4)):
-            if time.monotonic() > self.deadline:
-                sys.stderr.write(f"agp: error: {self.label}: no answer from the peer rank for {self.timeout:g} s after "
-                                 f"{self.phase} (it died or stalled); rerun, or raise RingSplitArgs.timeout_s\n")
-                sys.stderr.flush()
-                os._exit(self.EXIT)
+        self.phase = phase
+        os.write(self._fd, f"{self.label}|{phase}\n".encode())
 
     def _on_term(self, signum, frame):
         raise PeerLost(f"{self.label}: stopped by the launcher after {self.phase} (the other rank ended); "
@@ -280,12 +301,14 @@ def lead(bb, args: RingSplitArgs, ids: list[int], wire: Wire, dtype) -> dict:
         wire.send(h, f"the prefill states of tokens {a}-{z}")
     wire.recv((1,), TOKEN_DTYPE, "the end of prefill")
     prefill_s, prefill_bytes = time.perf_counter() - t0, wire.sent - header
-    tokens, rtt, pending, stop = [], [], ids[-1], eos_ids(bb) if args.stop_at_eos else set()
+    tokens, rtt, local, pending = [], [], [], ids[-1]
+    stop = eos_ids(bb) if args.stop_at_eos else set()
     sent0, got0, t1 = wire.sent, wire.received, time.perf_counter()
     for _ in range(args.new_tokens):
         s = time.perf_counter()
         p = bb.start(mx.array([[pending]]), cache)
         wire.send(p.run(p.h0, 0, b), "a token's boundary state")
+        local.append(time.perf_counter() - s)
         pending = int(wire.recv((1,), TOKEN_DTYPE, "a greedy token").item())
         rtt.append(time.perf_counter() - s)
         if pending in stop:
@@ -296,6 +319,7 @@ def lead(bb, args: RingSplitArgs, ids: list[int], wire: Wire, dtype) -> dict:
     return {"tokens": tokens, "tokens_per_s": len(tokens) / decode_s if decode_s > 0 else 0.0,
             "prefill_s": prefill_s, "decode_s": decode_s, "steps": steps,
             "rtt_ms_p50": float(np.percentile(ms, 50)), "rtt_ms_p99": float(np.percentile(ms, 99)),
+            "rank0_ms_p50": float(np.percentile(np.asarray(local) * 1e3, 50)),
             "state_bytes_per_token": (wire.sent - sent0) // steps,
             "token_bytes_per_token": (wire.received - got0) // steps, "prefill_state_bytes": prefill_bytes,
             "prompt_tokens": len(ids)}
@@ -323,11 +347,11 @@ def follow(bb, args: RingSplitArgs, wire: Wire, dtype) -> None:
 def serve_rank(args: RingSplitArgs, out: Path | None) -> None:
     from agp.backbone import load
 
-    with PeerBound("ring split rank ?", args.timeout_s) as bound:
+    label = f"ring split rank {os.environ.get('MLX_RANK', '?')} of 2"
+    with PeerBound(label, args.timeout_s) as bound:
         bound.kick("joining the group")
         group = join_group()
         rank = group.rank()
-        label = bound.label = f"ring split rank {rank} of 2"
         bb = load(args.model)
         check_split(args.split, bb.n_layers, bb.arch)
         bound.kick("loading the model")
@@ -356,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         args = RingSplitArgs.from_dict(json.loads(Path(ns.json_args).read_text()))
         serve_rank(args, Path(ns.out) if ns.out else None)
     except AGPError as e:
-        print(f"agp: error: {e}", file=sys.stderr, flush=True)
+        where = "" if str(e).startswith("ring split rank") else f"ring split rank {rank} of 2: "
+        print(f"agp: error: {where}{e}", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as e:   # MLX's backends: "[ring] connection to a peer was lost" and the like
         print(f"agp: error: ring split rank {rank} of 2: the peer connection failed ({str(e).splitlines()[0]}); "
