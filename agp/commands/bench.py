@@ -15,6 +15,7 @@ TARGETS = {
     "ptp-fuzz": "agp.bench.ptp_fuzz",
     "retrieval": "agp.bench.retrieval",
     "runtime": "agp.bench.runtime",
+    "serve": "agp.bench.serve",
 }
 
 
