@@ -181,3 +181,26 @@ def test_agp_serve_and_generate_remote_through_the_cli(tiny_model_dir, tmp_path,
     assert "--split applies only with --remote" in capsys.readouterr().err
     assert main(["generate", "abc", "--model", model, "--mode", "entropy", "--remote", "127.0.0.1:1"]) == 2
     assert "single-host only" in capsys.readouterr().err
+
+
+def test_pipelined_requests_come_back_in_order(bb, server):
+    c = Client(server.address).connect()
+    ids = [c.send(P.Request(P.PING, session=i)) for i in range(1, 21)]
+    got = [c.receive() for _ in ids]
+    assert [r.request_id for r in got] == ids and [r.session for r in got] == list(range(1, 21))
+
+
+def test_sessions_are_bounded_lru_and_expire(bb):
+    with ServerThread(ResumeServer(bb, 3, ServeArgs(port=0, max_sessions=2, idle_s=0.5))) as srv:
+        links = [RemoteSplit(bb, srv.address, 3) for _ in range(3)]
+        p = bb.start(mx.array([bb.encode("ab")]), bb.make_cache())
+        h = np.asarray(p.run(p.h0, 0, 3)[0].astype(mx.float32))
+        for link in links:
+            link.request(P.RESUME, h)
+        table = srv.server.sessions
+        assert len(table.table) == 2 and table.evicted == 1 and links[0].session not in table.table
+        # the evicted session is rebuilt from the client's spans, not lost
+        assert links[0].request(P.RESUME, h[:1], flags=P.WANT_TOKEN).token >= 0 and links[0].stats.resyncs == 1
+        time.sleep(0.6)
+        table.sweep()
+        assert len(table.table) == 0 and table.expired == 2
