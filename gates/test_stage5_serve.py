@@ -33,8 +33,8 @@ def test_two_host_lossless_equals_full_at_every_round_trip(m):
 
 def test_two_host_lossless_crosses_once_per_round(m):
     for r in rows(m, "two-host speculative"):
-        prefill = r["link"]["round_trips"] - r["rounds"]
-        assert 0 <= prefill <= m["layouts"]["prompts"] * 2, r["link"]     # one span per 2048-token prefill chunk
+        assert r["link"]["round_trips"] == r["rounds"], r["link"]
+        assert r["link"]["prefill"]["round_trips"] == m["layouts"]["prompts"], r["link"]["prefill"]  # one chunk each
         assert r["rounds"] < r["tokens"], "no round emitted more than one token"
 
 
@@ -78,5 +78,5 @@ def test_two_host_speculative_beats_the_naive_split_above_thunderbolt(m):
     spec = {r["rtt_ms"]: r["tok_s"] for r in rows(m, "two-host speculative")}
     naive = {r["rtt_ms"]: r["tok_s"] for r in rows(m, "naive split")}
     slower = {rtt: round(spec[rtt] / naive[rtt], 3) for rtt in spec if rtt > T.STAGE5_SERVE_THUNDERBOLT_RTT_MS
-              and spec[rtt] <= naive[rtt]}
+              and spec[rtt] < naive[rtt] * (1 - T.STAGE5_SERVE_TOK_S_NOISE)}
     assert not slower, f"two-host speculative / naive split tok/s at these round trips: {slower}"

@@ -62,7 +62,8 @@ def test_two_host_speculative_equals_full_past_the_window(bb, server, n_prompt):
                      draft_max=4, draft_min_confidence=0.0)
     assert spec == full
     assert s.drafted > s.accepted > 0          # rejections rolled back on both hosts
-    assert link.stats.round_trips == s.rounds + -(-(n_prompt - 1) // 2048)   # one crossing per round
+    assert link.stats.round_trips == s.rounds                          # one crossing per round
+    assert link.prefill_stats.round_trips == -(-(n_prompt - 1) // 2048)   # one per 2048-token prompt chunk
     naive, _ = tokens(bb, ids, 30, "full", decoder=remote_decoder("full", RemoteSplit(bb, server.address, 3)))
     assert naive == full
 

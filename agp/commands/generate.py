@@ -128,7 +128,7 @@ def main(args) -> int:
         gen.summary.interrupted = True
     summary = gen.summary.to_dict()
     if links:
-        summary["link"] = links[0].stats.to_dict(gen.summary.tokens)
+        summary["link"] = links[0].telemetry(gen.summary.tokens)
         links[0].close()
     if args.json:
         out.write(json.dumps({"summary": summary}) + "\n")

@@ -56,8 +56,15 @@ def generate(setup: Setup, mode: str, decoder=None) -> tuple[list, dict]:
                  "rounds": sum(s.rounds for s in summaries), "accepted": sum(s.accepted for s in summaries)}
 
 
+def warm(setup: Setup, mode: str, decoder=None) -> None:
+    """A few tokens first: the first forward pages the weights in (MLX loads them lazily), which
+    would otherwise land in whichever row is measured first."""
+    generate(Setup(setup.bb, setup.heads, setup.split, setup.prompts[:1], 4, setup.args), mode, decoder)
+
+
 def modes(setup: Setup, rtts_ms: list, codec: str = "f32", progress: bool = True) -> dict:
     """Every layout on the same prompts; the two-host rows at each emulated RTT."""
+    warm(setup, "full")
     full, row = generate(setup, "full")
     rows = [{"layout": "single host", "mode": "full", "rtt_ms": None, **row, "equal_full": True}]
     if setup.heads is not None:
@@ -65,13 +72,14 @@ def modes(setup: Setup, rtts_ms: list, codec: str = "f32", progress: bool = True
         rows.append({"layout": "single host", "mode": "speculative", "rtt_ms": None, **row, "equal_full": spec == full})
     layouts = [("naive split", "full")] + ([("two-host speculative", "speculative")] if setup.heads is not None else [])
     with ServerThread(ResumeServer(setup.bb, setup.split, ServeArgs(port=0))) as srv:
+        warm(setup, layouts[-1][1], remote_decoder(layouts[-1][1], RemoteSplit(setup.bb, srv.address, setup.split)))
         for rtt in tqdm(rtts_ms, desc="two-host layouts", unit="rtt", disable=not progress):
             with DelayRelay(srv.address, rtt) as relay:
                 for layout, mode in layouts:
                     link = RemoteSplit(setup.bb, relay.address, setup.split, codec=codec)
                     got, row = generate(setup, mode, remote_decoder(mode, link))
                     rows.append({"layout": layout, "mode": mode, "rtt_ms": rtt, "codec": codec, **row,
-                                 "equal_full": got == full, "link": link.stats.to_dict(row["tokens"])})
+                                 "equal_full": got == full, "link": link.telemetry(row["tokens"])})
                     link.close()
     for r in rows:
         r["speed_vs_full"] = r["tok_s"] / rows[0]["tok_s"] if r["tok_s"] and rows[0]["tok_s"] else None

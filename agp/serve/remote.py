@@ -70,7 +70,9 @@ class RemoteSplit:
                  timeout_s: float = 30.0, retries: int = 3):
         self.bb, self.split, self.codec, self.retries = bb, int(split), codec, retries
         self.client = Client(address, key, timeout_s)
-        self.stats = LinkStats()
+        self.stats = LinkStats()            # decode rounds (per-token figures come from these)
+        self.prefill_stats = LinkStats()    # prompt spans and re-sends, kept apart
+        self.in_prefill = False
         self.check_server(self._with_retries(self.client.hello))
         self.new_session()
 
@@ -125,15 +127,23 @@ class RemoteSplit:
         return P.Request(kind, session=self.session, flags=flags, drafts=list(drafts), packets=packets)
 
     def _timed(self, req: P.Request) -> P.Response:
+        stats = self.prefill_stats if self.in_prefill else self.stats
         up, down, t = self.client.bytes_sent, self.client.bytes_received, time.perf_counter()
         resp = self.client.call(req)
-        self.stats.rtt_ms.append((time.perf_counter() - t) * 1e3)
-        self.stats.round_trips += 1
-        self.stats.bytes_up += self.client.bytes_sent - up
-        self.stats.bytes_down += self.client.bytes_received - down
+        stats.rtt_ms.append((time.perf_counter() - t) * 1e3)
+        stats.round_trips += 1
+        stats.bytes_up += self.client.bytes_sent - up
+        stats.bytes_down += self.client.bytes_received - down
         if not resp.status:
-            self.stats.server_us.append(resp.timings_us)
+            stats.server_us.append(resp.timings_us)
         return resp
+
+    def telemetry(self, tokens: int) -> dict:
+        """Decode figures per token, and the prefill's (prompt spans, re-sends) apart."""
+        out = self.stats.to_dict(tokens)
+        out["prefill"] = {k: self.prefill_stats.to_dict()[k] for k in ("round_trips", "bytes_up", "bytes_down")}
+        out["reconnects"] += self.prefill_stats.reconnects
+        return out
 
     def _with_retries(self, call):
         """`call()` with bounded reconnects: a connection the server (or the network) dropped is
@@ -154,11 +164,15 @@ class RemoteSplit:
 
     def resync(self) -> None:
         """The server lost this session: open a new one and re-send every accepted span."""
-        spans = self.history
+        spans, was = self.history, self.in_prefill
         self.new_session()
         self.stats.resyncs += 1
-        for states in spans:
-            self.request(P.RESUME, states, resync=False)
+        self.in_prefill = True           # re-sent spans are not this round's traffic
+        try:
+            for states in spans:
+                self.request(P.RESUME, states, resync=False)
+        finally:
+            self.in_prefill = was
 
     def close(self) -> None:
         self.reset()
@@ -181,13 +195,17 @@ def prefill_split(bb, link: RemoteSplit, ids: list[int], cache, want_state: bool
     the server runs the same chunks). Returns the last position's final state [1, 1, H] when
     `want_state`, else None."""
     last = None
-    for a in range(0, len(ids), PREFILL_STEP):
-        p = bb.start(mx.array([ids[a:a + PREFILL_STEP]]), cache)
-        h = p.run(p.h0, 0, link.split)
-        mx.eval([c.state for c in cache[:link.split]], h)
-        resp = link.request(P.RESUME, to_numpy(h), flags=P.WANT_STATE if want_state else 0)
-        if want_state:
-            last = mx.array(resp.state)[None, None].astype(h.dtype)
+    link.in_prefill = True
+    try:
+        for a in range(0, len(ids), PREFILL_STEP):
+            p = bb.start(mx.array([ids[a:a + PREFILL_STEP]]), cache)
+            h = p.run(p.h0, 0, link.split)
+            mx.eval([c.state for c in cache[:link.split]], h)
+            resp = link.request(P.RESUME, to_numpy(h), flags=P.WANT_STATE if want_state else 0)
+            if want_state:
+                last = mx.array(resp.state)[None, None].astype(h.dtype)
+    finally:
+        link.in_prefill = False
     return last
 
 
