@@ -15,6 +15,20 @@ def tiny_model_dir(tmp_path_factory):
     return {arch: str(make_tiny_model(arch, root / arch)) for arch in ARCHS}
 
 
+@pytest.fixture(scope="session")
+def long_tiny_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Gemma 3 with a 4096-token context, so prompts run far past its 8-token window (and
+    across two 2048-token prefill chunks)."""
+    import json
+    import shutil
+    dest = tmp_path_factory.mktemp("tiny-long") / "gemma3_text"
+    shutil.copytree(tiny_model_dir["gemma3_text"], dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["max_position_embeddings"] = 4096
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return str(dest)
+
+
 # The tiny-model flags that keep each stage a few seconds long (integration tests through the CLI).
 TINY_STAGE_FLAGS = {
     "baseline": ["--baseline-prompts", "2", "--baseline-decode-tokens", "2"],

@@ -7,8 +7,6 @@ Every launch has a hard timeout, so a hang fails the test instead of blocking CI
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
 import signal
 import sys
 import threading
@@ -31,14 +29,8 @@ PORTS = {"short": 32710, "long": 32720, "rank_error": 32730, "timeout": 32740, "
 
 
 @pytest.fixture(scope="module")
-def long_tiny(tiny_model_dir, tmp_path_factory):
-    """The tiny Gemma 3 with a 4096-token context, so a prompt can span two 2048-token chunks."""
-    dest = tmp_path_factory.mktemp("tiny-long-ring") / "gemma3_text"
-    shutil.copytree(tiny_model_dir["gemma3_text"], dest)
-    cfg = json.loads((dest / "config.json").read_text())
-    cfg["max_position_embeddings"] = 4096
-    (dest / "config.json").write_text(json.dumps(cfg))
-    return str(dest)
+def long_tiny(long_tiny_dir):
+    return long_tiny_dir
 
 
 def full_tokens(bb, ids, n):

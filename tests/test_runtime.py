@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,14 +26,8 @@ TEXT = "def f(x):\n    return x + 1  # tiny"
 
 
 @pytest.fixture(scope="module")
-def long_tiny(tiny_model_dir, tmp_path_factory):
-    """The tiny Gemma 3 with a 4096-token context, so prompts can run far past its 8-token window."""
-    dest = tmp_path_factory.mktemp("tiny-long") / "gemma3_text"
-    shutil.copytree(tiny_model_dir["gemma3_text"], dest)
-    cfg = json.loads((dest / "config.json").read_text())
-    cfg["max_position_embeddings"] = 4096
-    (dest / "config.json").write_text(json.dumps(cfg))
-    return load(str(dest))
+def long_tiny(long_tiny_dir):
+    return load(long_tiny_dir)
 
 
 def mlx_lm_tokens(bb, ids, n):

@@ -5,7 +5,6 @@ and a closed connection while other sessions keep being served."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import struct
 import time
@@ -29,13 +28,8 @@ LOOP = "for i in range(3):\n    print(i)  # loop\n" * 20
 
 
 @pytest.fixture(scope="module")
-def bb(tiny_model_dir, tmp_path_factory):
-    dest = tmp_path_factory.mktemp("tiny-serve") / "gemma3_text"
-    shutil.copytree(tiny_model_dir["gemma3_text"], dest)
-    cfg = json.loads((dest / "config.json").read_text())
-    cfg["max_position_embeddings"] = 4096
-    (dest / "config.json").write_text(json.dumps(cfg))
-    return load(str(dest))
+def bb(long_tiny_dir):
+    return load(long_tiny_dir)
 
 
 def heads_at(bb, layer):

@@ -9,9 +9,9 @@ def add_arguments(p):
     p.add_argument("--run", default=None, help="finished run with the runtime stage (default runs/latest)")
     p.add_argument("--prompts", type=int, default=3, help="held-out prompts (plus one over 600 tokens; default 3)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per prompt and layout (default 32)")
-    p.add_argument("--rtts-ms", default="0,0.1,0.3,1,5",
-                   help="emulated round trips in ms, comma-separated (default 0,0.1,0.3,1,5: loopback, Thunderbolt, "
-                        "Ethernet, a slow LAN, Wi-Fi)")
+    p.add_argument("--rtts-ms", default="0,0.1,0.3,1,5,20,50",
+                   help="emulated round trips in ms, comma-separated (default 0,0.1,0.3,1,5,20,50: loopback, Thunderbolt, "
+                        "Ethernet, a slow LAN, Wi-Fi, two WAN links)")
     p.add_argument("--split", type=int, default=None, help="boundary layer (default: the draft layer)")
     p.add_argument("--codec", default="f32", help="how states cross (default f32: lossless)")
     p.add_argument("--no-ring", action="store_true", help="skip the mx.distributed naive split")
