@@ -38,6 +38,17 @@ def test_two_host_lossless_crosses_once_per_round(m):
         assert r["rounds"] < r["tokens"], "no round emitted more than one token"
 
 
+def test_two_host_routed_equals_single_host_routed(m):
+    """Lossy, but the same tokens as the one-host routed mode, crossing only for deeper tokens."""
+    routed = rows(m, "two-host routed")
+    if not routed:
+        pytest.skip(f"no two-host routed row: the split {m['split']} is not the run's late boundary "
+                    "(the lossy two-host mode splits there)")
+    for r in routed:
+        assert r["equal_single_host"], (r["rtt_ms"], r["agreement_full"])
+        assert r["link"]["round_trips"] < r["tokens"], r["link"]
+
+
 def test_the_naive_splits_equal_full(m):
     assert all(r["equal_full"] for r in rows(m, "naive split"))
     if m["config"]["ring"]:

@@ -62,6 +62,28 @@ def test_two_host_speculative_equals_full_past_the_window(bb, server, n_prompt):
     assert naive == full
 
 
+@pytest.mark.parametrize("n_prompt", [12, 620])
+def test_two_host_lossy_modes_equal_their_single_host_runs(bb, server, n_prompt):
+    """routed (split at its late boundary) and entropy (at its exit layer): the same tokens as on one
+    host; only the tokens that go past the split cross, with the stopped ones waiting there."""
+    from tests.test_runtime import tiny_controller
+    heads = RuntimeHeads(exits={2: ExitHead.identity(bb, 2, np.arange(bb.vocab_size)),
+                                3: ExitHead.identity(bb, 3, np.arange(bb.vocab_size))},
+                         draft_layer=3, meta={"late_boundary": [3]})
+    heads.controller = tiny_controller(2 * bb.hidden_size, 2, [1, 2])
+    ids = bb.encode(LOOP)[:n_prompt]
+    for mode, kw in (("routed", {}), ("entropy", {"entropy_threshold": 0.02})):
+        one, s1 = tokens(bb, ids, 30, mode, heads, **kw)
+        link = RemoteSplit(bb, server.address, 3)
+        two, s2 = tokens(bb, ids, 30, mode, heads, remote_decoder(mode, link), **kw)
+        assert two == one, mode
+        deeper = sum(n for a, n in s1.actions.items() if a in ("escalate", "full", "revive_local"))
+        assert link.stats.round_trips == deeper < len(one), (mode, s1.actions)
+    heads.draft_layer = 2           # entropy exits at 2: a split at 3 is not one of its boundaries
+    with pytest.raises(AGPError, match="boundaries"):
+        Generator(bb, "entropy", heads, GenerateArgs(), decoder=remote_decoder("entropy", RemoteSplit(bb, server.address, 3)))
+
+
 def test_a_restarted_server_is_caught_up_from_the_clients_spans(bb):
     ids = bb.encode(LOOP)[:40]
     full, _ = tokens(bb, ids, 24)
@@ -174,7 +196,7 @@ def test_agp_serve_and_generate_remote_through_the_cli(tiny_model_dir, tmp_path,
     assert link["round_trips"] >= 8 and link["reconnects"] == 0
     assert main(["generate", "abc", "--model", model, "--split", "3"]) == 2
     assert "--split applies only with --remote" in capsys.readouterr().err
-    assert main(["generate", "abc", "--model", model, "--mode", "entropy", "--remote", "127.0.0.1:1"]) == 2
+    assert main(["generate", "abc", "--model", model, "--mode", "exit:3", "--remote", "127.0.0.1:1"]) == 2
     assert "single-host only" in capsys.readouterr().err
 
 

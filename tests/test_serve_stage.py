@@ -20,7 +20,9 @@ def test_serve_stage_measures_every_layout_and_they_equal_full(served):
     layouts = {(r["layout"], r["rtt_ms"]) for r in m["layouts"]["rows"]}
     assert {("naive split", 0.0), ("naive split", 2.0), ("two-host speculative", 0.0),
             ("two-host speculative", 2.0)} <= layouts
-    assert all(r["equal_full"] for r in m["layouts"]["rows"])
+    lossless = [r for r in m["layouts"]["rows"] if r["layout"] in ("naive split", "two-host speculative")]
+    assert lossless and all(r["equal_full"] for r in lossless)
+    assert all(r["equal_single_host"] for r in m["layouts"]["rows"] if r["layout"] == "two-host routed")
     assert m["ring"]["equal_full"] and m["ring"]["tok_s"] > 0
     slow = next(r for r in m["layouts"]["rows"] if r["layout"] == "naive split" and r["rtt_ms"] == 2.0)
     assert slow["link"]["rtt_ms_p50"] >= 2.0          # the relay's round trip is in the link's own figures

@@ -37,7 +37,8 @@ def add_parser(sub):
     p.add_argument("--remote", default=None, metavar="HOST:PORT",
                    help="two hosts: run layers [0, b) here and [b, L) on an `agp serve --layers b:L` there. "
                         "Mode speculative crosses once per drafted round and equals full; mode full is the naive "
-                        "split (every token crosses)")
+                        "split (every token crosses); routed (split at its late boundary) and entropy (at its "
+                        "exit layer) cross only for tokens that go deeper, and equal their one-host runs")
     p.add_argument("--split", type=int, default=None, metavar="b",
                    help="with --remote: the boundary layer (default: the server's)")
     p.add_argument("--codec", default="f32",

@@ -12,7 +12,7 @@ def rtt_plot(rows: list[dict], path) -> None:
     """tok/s of each two-host layout against the emulated round trip, single-host full as a line."""
     from agp.report.plots import plt, save
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    for layout, style in (("naive split", "o-"), ("two-host speculative", "s-")):
+    for layout, style in (("naive split", "o-"), ("two-host speculative", "s-"), ("two-host routed", "^--")):
         mine = sorted((r for r in rows if r["layout"] == layout), key=lambda r: r["rtt_ms"])
         if mine:
             ax.plot([max(r["rtt_ms"], 0.01) for r in mine], [r["tok_s"] for r in mine], style, label=layout)
@@ -31,20 +31,22 @@ def rtt_plot(rows: list[dict], path) -> None:
 
 def layout_lines(m: dict) -> list[str]:
     lines = ["| layout | mode | emulated RTT ms | tok/s | × one-host full | round trips / token | bytes up / token | "
-             "RTT p50 / p99 ms | server infer p50 ms | = full |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "RTT p50 / p99 ms | server infer p50 ms | = full | = one-host mode | agreement with full |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in m["layouts"]["rows"]:
         link = r.get("link") or {}
         lines.append(f"| {r['layout']} | {r['mode']} | {_f(r['rtt_ms'], '{:g}')} | {_f(r['tok_s'], '{:.1f}')} | "
                      f"{_f(r['speed_vs_full'])} | {_f(link.get('round_trips_per_token'))} | "
                      f"{_f(link.get('bytes_up_per_token'), '{:.0f}')} | "
                      f"{_f(link.get('rtt_ms_p50'))} / {_f(link.get('rtt_ms_p99'))} | "
-                     f"{_f((link.get('server_ms_p50') or {}).get('infer'))} | {r['equal_full']} |")
+                     f"{_f((link.get('server_ms_p50') or {}).get('infer'))} | {r['equal_full']} | "
+                     f"{r.get('equal_single_host', '-')} | {_f(r.get('agreement_full', 1.0 if r['equal_full'] else None), '{:.3f}')} |")
     ring = m.get("ring")
     if ring:
         lines.append(f"| naive split, mx.distributed ring | full | loopback | {_f(ring.get('tok_s'), '{:.1f}')} | "
                      f"{_f(ring['tok_s'] / ring['single_host_tok_s'] if ring.get('tok_s') and ring.get('single_host_tok_s') else None)} | "
                      f"1.00 | {_f(ring.get('bytes_up_per_token'), '{:.0f}')} | "
-                     f"{_f(ring.get('rtt_ms_p50'))} / {_f(ring.get('rtt_ms_p99'))} | - | {ring['equal_full']} |")
+                     f"{_f(ring.get('rtt_ms_p50'))} / {_f(ring.get('rtt_ms_p99'))} | - | {ring['equal_full']} | - | - |")
     return lines
 
 

@@ -62,15 +62,41 @@ def warm(setup: Setup, mode: str, decoder=None) -> None:
     generate(Setup(setup.bb, setup.heads, setup.split, setup.prompts[:1], 4, setup.args), mode, decoder)
 
 
-def modes(setup: Setup, rtts_ms: list, codec: str = "f32", progress: bool = True) -> dict:
-    """Every layout on the same prompts; the two-host rows at each emulated RTT."""
+def single_host(setup: Setup, lossy: list) -> tuple[dict, list]:
+    """The one-host rows and each mode's tokens (the references the two-host rows must equal)."""
     warm(setup, "full")
     full, row = generate(setup, "full")
-    rows = [{"layout": "single host", "mode": "full", "rtt_ms": None, **row, "equal_full": True}]
-    if setup.heads is not None:
-        spec, row = generate(setup, "speculative")
-        rows.append({"layout": "single host", "mode": "speculative", "rtt_ms": None, **row, "equal_full": spec == full})
+    refs, rows = {"full": full}, [{"layout": "single host", "mode": "full", "rtt_ms": None, **row, "equal_full": True}]
+    for mode in (["speculative"] if setup.heads is not None else []) + lossy:
+        refs[mode], row = generate(setup, mode)
+        rows.append({"layout": "single host", "mode": mode, "rtt_ms": None, **row, "equal_full": refs[mode] == full,
+                     "agreement_full": agreement(refs[mode], full)})
+    return refs, rows
+
+
+def agreement(got: list, ref: list) -> float:
+    """The share of emitted tokens equal to the reference's at the same position."""
+    pairs = [(a, b) for g, r in zip(got, ref) for a, b in zip(g, r)]
+    return sum(a == b for a, b in pairs) / max(1, len(pairs))
+
+
+def routed_layouts(setup: Setup) -> list:
+    """("two-host routed", "routed") when the run has the controller and the split is its late
+    boundary (the lossy two-host mode splits at one of its boundaries)."""
+    heads = setup.heads
+    if heads is None or heads.controller is None:
+        return []
+    late = [int(x) for x in heads.meta.get("late_boundary", [])]
+    return [("two-host routed", "routed")] if late and late[0] == setup.split else []
+
+
+def modes(setup: Setup, rtts_ms: list, codec: str = "f32", progress: bool = True) -> dict:
+    """Every layout on the same prompts; the two-host rows at each emulated RTT. Lossless rows must
+    equal full depth; the lossy two-host rows must equal their single-host mode."""
+    lossy = routed_layouts(setup)
+    refs, rows = single_host(setup, [m for _, m in lossy])
     layouts = [("naive split", "full")] + ([("two-host speculative", "speculative")] if setup.heads is not None else [])
+    layouts += lossy
     with ServerThread(ResumeServer(setup.bb, setup.split, ServeArgs(port=0))) as srv:
         warm(setup, layouts[-1][1], remote_decoder(layouts[-1][1], RemoteSplit(setup.bb, srv.address, setup.split)))
         for rtt in tqdm(rtts_ms, desc="two-host layouts", unit="rtt", disable=not progress):
@@ -79,7 +105,8 @@ def modes(setup: Setup, rtts_ms: list, codec: str = "f32", progress: bool = True
                     link = RemoteSplit(setup.bb, relay.address, setup.split, codec=codec)
                     got, row = generate(setup, mode, remote_decoder(mode, link))
                     rows.append({"layout": layout, "mode": mode, "rtt_ms": rtt, "codec": codec, **row,
-                                 "equal_full": got == full, "link": link.telemetry(row["tokens"])})
+                                 "equal_full": got == refs["full"], "equal_single_host": got == refs[mode],
+                                 "agreement_full": agreement(got, refs["full"]), "link": link.telemetry(row["tokens"])})
                     link.close()
     for r in rows:
         r["speed_vs_full"] = r["tok_s"] / rows[0]["tok_s"] if r["tok_s"] and rows[0]["tok_s"] else None

@@ -13,6 +13,11 @@ runtime's decoders (`Generator(..., decoder=...)`):
   NaiveSplit          the fixed split: every token's state crosses at b and its next token comes
                       back (one round trip per token, no routing): the baseline the routed split
                       must beat over the same link.
+  TwoHostRouted       the lossy modes (routed, entropy) split at one of their boundaries (routed:
+                      the late boundary B): accepted and continued tokens stop on this host and
+                      never cross; an escalated one crosses with the states of the stopped tokens
+                      waiting at b (their deferred KV catch-up, one batch). Its tokens equal the
+                      single-host mode's, with one round trip per escalation.
 
 Failures: a broken connection is reconnected (bounded retries) and the request re-sent as the
 same bytes, which a server that already ran it answers from its replay memory. A server that no
@@ -31,6 +36,8 @@ import numpy as np
 
 from agp.errors import AGPError
 from agp.ptp.errors import PTPError
+from agp.runtime.cost import Cost
+from agp.runtime.early import EarlyExitDecoder
 from agp.runtime.full import PREFILL_STEP, FullDecoder, Round
 from agp.runtime.speculative import SpeculativeDecoder
 from agp.serve import protocol as P
@@ -257,6 +264,48 @@ class NaiveSplit(FullDecoder):
         return Round([t], ["full"], [self.bb.n_layers], cost)
 
 
+class TwoHostRouted(EarlyExitDecoder):
+    """Lossy modes across the split (module docstring): tokens that stop before b never cross; a
+    token that goes deeper than b crosses with every stopped token waiting at b (their deferred
+    catch-up), and the server answers its full-depth token. The tokens are the single-host mode's."""
+
+    def __init__(self, bb, costs, heads, args, link: RemoteSplit):
+        super().__init__(bb, costs, heads, args)
+        self.link, self.split = link, link.split
+        if self.propagate:
+            raise AGPError("two-host lossy modes catch skipped KV up (--skipped-kv catchup); propagate would "
+                           "send every stopped state anyway")
+        inner = self.bounds[1:-1]
+        if self.split not in inner:
+            raise AGPError(f"mode {self.mode} over two hosts splits at one of its boundaries {inner} (the "
+                           f"{'late boundary B' if self.mode == 'routed' else 'exit layer'}); got --split {self.split}")
+        self.name = f"two-host {self.name}"
+
+    def start(self, ids: list[int]) -> None:
+        self.cache = self.bb.make_cache()          # as the single-host mode
+        self.link.reset()
+        prefill_split(self.bb, self.link, ids[:-1], self.cache)
+        self.pending, self.context = ids[-1], len(ids)
+        self.lag = {b: [] for b in self.bounds}
+        self.catchup_tokens, self.remote_token = 0, None
+
+    def deeper(self, h, a: int, b: int):
+        if b <= self.split:
+            return super().deeper(h, a, b)
+        h, cost = super().deeper(h, a, self.split) if a < self.split else (h, Cost())
+        waiting, self.lag[self.split] = self.lag[self.split], []
+        H = mx.concatenate(waiting + [h], axis=1) if waiting else h
+        self.remote_token = self.link.request(P.RESUME, to_numpy(H), flags=P.WANT_TOKEN).token
+        self.catchup_tokens += H.shape[1] - 1
+        return None, cost + self.costs.layers(self.split, self.L, self.context, tokens=H.shape[1])
+
+    def full_token(self, h):
+        if h is not None:
+            return super().full_token(h)
+        tok, self.remote_token = self.remote_token, None
+        return tok, self.costs.head()
+
+
 def remote_decoder(mode: str, link: RemoteSplit):
     """The decoder factory `Generator(..., decoder=...)` takes for `mode` over `link`."""
     from functools import partial
@@ -264,5 +313,7 @@ def remote_decoder(mode: str, link: RemoteSplit):
         return partial(NaiveSplit, link=link)
     if mode == "speculative" or mode.startswith("speculative:"):
         return partial(TwoHostSpeculative, link=link)
-    raise AGPError(f"--remote runs modes full (the naive split) and speculative (lossless two-host); "
-                   f"mode {mode} is single-host only for now")
+    if mode in ("routed", "entropy"):
+        return partial(TwoHostRouted, link=link)
+    raise AGPError(f"--remote runs modes full (the naive split), speculative (lossless two-host), routed and "
+                   f"entropy (lossy: only deeper tokens cross); mode {mode} is single-host only")
