@@ -200,6 +200,13 @@ def test_agp_serve_and_generate_remote_through_the_cli(tiny_model_dir, tmp_path,
     assert "single-host only" in capsys.readouterr().err
 
 
+def test_a_verify_with_more_drafts_than_the_rollback_slack_is_refused_before_running(bb, server):
+    link = RemoteSplit(bb, server.address, 3)
+    states = np.zeros((18, bb.hidden_size), np.float32)
+    resp = link.client.call(link._request(P.VERIFY, states, list(range(17)), 0))
+    assert resp.status and resp.error[0] == "frame" and "at most 15" in resp.error[1]
+
+
 def test_pipelined_requests_come_back_in_order(bb, server):
     c = Client(server.address).connect()
     ids = [c.send(P.Request(P.PING, session=i)) for i in range(1, 21)]

@@ -41,7 +41,8 @@ class Session:
     sid: int
     resumer: Resumer
     last_used: float = field(default_factory=time.monotonic)
-    replies: OrderedDict = field(default_factory=OrderedDict)   # first packet's seq -> encoded response body
+    replies: OrderedDict = field(default_factory=OrderedDict)   # first packet's seq -> (digest, response)
+    max_drafts: int = 15                                         # its cache's rollback slack
 
     def run(self, req: P.Request, packets: list) -> Outcome:
         """The request's spans (received Packets) through layers [b, L) and what the client asked for."""
@@ -63,6 +64,8 @@ class Session:
         """Speculative verify: the span is t0, d1..d_k; accept the longest prefix the full-depth
         greedy tokens agree with, roll back the rest, answer the accepted count and the next token."""
         r, k = self.resumer, len(req.drafts)
+        if k > self.max_drafts:
+            raise P.MalformedFrame(f"{k} drafts in one verify; this server rolls back at most {self.max_drafts}")
         n = sum(p.identity.span_len for p in packets)
         if n != k + 1:
             raise P.MalformedFrame(f"verify span holds {n} positions, {k} drafts need {k + 1}")
@@ -108,7 +111,8 @@ class Sessions:
                 raise P.UnknownSession(f"session {sid:#x} is not held here (closed, evicted, expired or the server "
                                        f"restarted); re-send its spans from position 0")
             cache = make_rollback_cache(self.bb.model, slack=self.slack)
-            s = self.table[sid] = Session(sid, Resumer(self.bb, self.layer, self.receiver, cache))
+            s = self.table[sid] = Session(sid, Resumer(self.bb, self.layer, self.receiver, cache),
+                                          max_drafts=self.slack - 1)
             self.created += 1
             while len(self.table) > self.max_sessions:
                 self.table.popitem(last=False)
