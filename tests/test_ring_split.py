@@ -124,9 +124,11 @@ def connected(p: psutil.Process) -> bool:
         return False
 
 
-@pytest.mark.parametrize("when", ["joining", "decoding"])
+@pytest.mark.parametrize("when", ["joining", "joined"])
 def test_a_stalled_rank_ends_the_other_within_its_bound(tiny_model_dir, when):
-    """Joining blocks inside MLX holding the GIL: only the watchdog process can bound it."""
+    """Joining blocks inside MLX holding the GIL: only the watchdog process can bound it. `joined`
+    stalls rank 1 after it connected: on a loaded machine that lands in the settings check, the
+    prefill or the decode, and each of them is bounded the same way."""
     model = tiny_model_dir["gemma3_text"]
     args = RingSplitArgs(model=model, split=2, new_tokens=400, prompt_ids=load(model).encode(TEXT), timeout_s=3,
                          stop_at_eos=False)
@@ -134,16 +136,16 @@ def test_a_stalled_rank_ends_the_other_within_its_bound(tiny_model_dir, when):
 
     def launch():
         try:
-            run_ring_split(args, starting_port=PORTS["stall"] + (2 if when == "decoding" else 0), timeout_s=60)
+            run_ring_split(args, starting_port=PORTS["stall"] + (2 if when == "joined" else 0), timeout_s=60)
         except AGPError as e:
             got["error"] = str(e)
 
     runner = threading.Thread(target=launch)
     runner.start()
     victim, rank0 = rank_process(1), rank_process(0)
-    while when == "decoding" and not connected(victim) and runner.is_alive():
+    while when == "joined" and not connected(victim) and runner.is_alive():
         time.sleep(0.05)
-    time.sleep(1.0 if when == "decoding" else 0.0)   # the tiny model loads in well under a second
+    time.sleep(1.0 if when == "joined" else 0.0)   # the tiny model loads in well under a second
     victim.send_signal(signal.SIGSTOP)   # whatever phase it is in, rank 0 waits on it from now on
     stopped = time.monotonic()
     try:
@@ -158,6 +160,4 @@ def test_a_stalled_rank_ends_the_other_within_its_bound(tiny_model_dir, when):
     print(f"stalled while {when}: {got.get('error')}")
     # rank 0 ends on its own bound, or on the lost connection once rank 1's watchdog ended rank 1
     assert "no answer for 3 s after" in got.get("error", "") and "rank 0 of 2: " in got["error"], got
-    if when == "decoding":
-        assert "after joining" not in got["error"], got
     assert waited < 10, f"rank 0 ended {waited:.0f} s after its peer stalled (bound 3 s)"

@@ -34,7 +34,7 @@ LOSSLESS = ("naive split", "two-host speculative")     # with f32 on the wire th
 @dataclass
 class ServeStageArgs(ConfigMixin):
     # CI size: ~3 minutes on 2 shared cores; configs/real-size.yaml holds the offline size.
-    prompts: int = 2                  # held-out prompts per layout (plus the long one)
+    prompts: int = 1                  # held-out prompts per layout (plus the long one)
     max_prompt_tokens: int = 96
     new_tokens: int = 24
     long_prompt_tokens: int = 600     # one prompt past the 512-token window (0: skip)
