@@ -58,7 +58,7 @@ def test_the_naive_splits_equal_full(m):
 def test_reliability_within_bounds(m):
     rel = m["reliability"]
     c = rel["concurrency"]
-    assert c["lost"] == c["duplicated"] == c["misrouted"] == c["wrong_tokens"] == c["errors"] == 0, c
+    assert c["lost"] == c["unsent"] == c["duplicated"] == c["misrouted"] == c["wrong_tokens"] == c["errors"] == 0, c
     assert rel["restart"]["equal_full"] and rel["restart"]["resyncs"] >= 1, rel["restart"]
     for name, b in rel["bad_frames"].items():
         assert b["reason"] == b["expected"] and b["closed"] and b["others_served"], (name, b)

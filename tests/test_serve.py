@@ -228,3 +228,17 @@ def test_sessions_are_bounded_lru_and_expire(bb):
         time.sleep(0.6)
         table.sweep()
         assert len(table.table) == 0 and table.expired == 2
+
+
+def test_weights_still_lazy_on_the_loading_thread_are_served(tiny_model_dir):
+    """MLX streams are per thread: a weight left unevaluated by the thread that loaded it (an adapter
+    applied lazily, say) must not break the server's MLX thread ("no Stream(cpu, 0) in current thread")."""
+    lazy = load(tiny_model_dir["gemma3_text"])
+    norm = lazy.model.model.norm
+    norm.weight = norm.weight * 1.0          # a lazy array on this thread's stream
+    with ServerThread(ResumeServer(lazy, 3, ServeArgs(port=0))) as srv:
+        link = RemoteSplit(lazy, srv.address, 3, timeout_s=20)
+        ids = lazy.encode("abc")
+        p = lazy.start(mx.array([ids]), lazy.make_cache())
+        h = np.asarray(p.run(p.h0, 0, 3)[0].astype(mx.float32))
+        assert link.request(P.RESUME, h, flags=P.WANT_TOKEN).token >= 0

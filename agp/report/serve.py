@@ -56,7 +56,8 @@ def reliability_lines(rel: dict) -> list[str]:
                     f"{'' if v['others_served'] else ' (others NOT served)'}" for k, v in rel["bad_frames"].items())
     return [f"- Empty round trip on loopback (PING, {p['n']}): p50 {p['p50_ms']:.3f} ms, p99 {p['p99_ms']:.3f} ms.",
             f"- {c['clients']} concurrent clients × {c['requests_each']} requests: {c['answered']} answered, {c['lost']} "
-            f"lost, {c['duplicated']} duplicated, {c['misrouted']} misrouted, {c['wrong_tokens']} wrong tokens "
+            f"lost, {c.get('unsent', 0)} unsent within the {c.get('timeout_s', 0):.0f} s bound, {c['duplicated']} "
+            f"duplicated, {c['misrouted']} misrouted, {c['wrong_tokens']} wrong tokens, {c['errors']} client errors "
             f"({c['requests_per_s']:.0f} requests/s).",
             f"- Server restarted after a few tokens: output equals full depth: {r['equal_full']} "
             f"({r['reconnects']} reconnects, {r['resyncs']} re-sends of the session, {r['fallbacks']} local fallbacks).",

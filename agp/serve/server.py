@@ -31,6 +31,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import mlx.core as mx
+
 from agp.config import ConfigMixin
 from agp.errors import AGPError
 from agp.ptp.errors import PTPError, TruncatedPacket
@@ -90,6 +92,9 @@ class ResumeServer:
             raise AGPError(f"binding the resume server to {self.args.host} needs a key: pass --key-file FILE "
                            f"(every frame is then authenticated), or bind 127.0.0.1")
         self.bb, self.layer, self.key = bb, int(layer), key
+        # MLX streams are per thread: weights still lazily loaded on this thread's stream cannot be
+        # evaluated on the server's MLX thread ("no Stream(cpu, 0) in current thread"), so load them now
+        mx.eval(bb.model.parameters())
         self.receiver = receiver_for(bb)
         self.sessions = Sessions(bb, self.layer, self.receiver, self.args.max_sessions, self.args.idle_s,
                                  self.args.slack)
@@ -200,9 +205,13 @@ class ResumeServer:
                     break
                 if frame is None or not await put_unless_done(queue, frame, worker):
                     break
+        except asyncio.CancelledError:
+            # the server is stopping: end this connection quietly (asyncio's streams log a task that
+            # ends cancelled as an error) and drop what was queued, as a killed process would
+            worker.cancel()
         finally:
             if not worker.done():
-                await queue.put(None)
+                await put_unless_done(queue, None, worker)
             await asyncio.gather(worker, return_exceptions=True)
             writer.close()
             self._open.discard(asyncio.current_task())
