@@ -242,3 +242,15 @@ def test_weights_still_lazy_on_the_loading_thread_are_served(tiny_model_dir):
         p = lazy.start(mx.array([ids]), lazy.make_cache())
         h = np.asarray(p.run(p.h0, 0, 3)[0].astype(mx.float32))
         assert link.request(P.RESUME, h, flags=P.WANT_TOKEN).token >= 0
+
+
+@pytest.mark.parametrize("n_prompt", [1, 12, 620])
+def test_two_host_feature_draft_equals_full(bb, server, n_prompt):
+    """The EAGLE-style draft across hosts: verify returns the final state its next round reads."""
+    from tests.test_runtime import feature_heads
+    ids = bb.encode(LOOP)[:n_prompt]
+    full, _ = tokens(bb, ids, 30)
+    link = RemoteSplit(bb, server.address, 3)
+    spec, s = tokens(bb, ids, 30, "speculative", feature_heads(bb), remote_decoder("speculative", link),
+                     draft_max=4, draft_min_confidence=0.0)
+    assert spec == full and link.stats.round_trips == s.rounds
