@@ -64,3 +64,52 @@ class Wire:
     def track_bytes_per_state(self, cache, codec):
         return self.row["bytes_per_token"]
     track_bytes_per_state.unit = "bytes"
+
+
+ADAPTERS = ["ta96-hidden/q8_0", "ta96-logit/q8_0", "ta288-hidden/q8_0", "ta288-logit/q8_0"]   # the CI sweep
+
+
+class Adapter:
+    """The learned transfer adapters the run saved: encode (code + q8_0) and decode (q8_0 + state)
+    time of the same span, and the resumed KL, top-1 and bytes per state their table rows hold."""
+    params = ADAPTERS
+    param_names = ["adapter"]
+    timeout = 300
+
+    def setup_cache(self):
+        cache = Wire.setup_cache(self)
+        run = _run_dir()
+        m = json.loads((run / "manifest.json").read_text())["stages"]["transfer"]
+        cache["paths"] = {n: str(run / rel) for n, rel in m.get("artifacts", {}).get("adapters", {}).items()}
+        cache["rows"] = {r["codec"]: r for r in m["metrics"]["rate_distortion"] if r.get("adapter")}
+        cache["fingerprint"] = m["metrics"]["model_fingerprint"]
+        return cache
+
+    def setup(self, cache, adapter):
+        from agp.quant.registry import make_codec
+        from agp.transfer.adapter import TransferAdapter
+        if adapter not in cache["paths"]:
+            raise NotImplementedError(f"the run's transfer stage did not train {adapter}")
+        self.adapter, _ = TransferAdapter.load(Path(cache["paths"][adapter]), cache["fingerprint"])
+        self.x = cache["states"]
+        self.codec = make_codec(self.adapter.codec, self.adapter.width)
+        self.blob = self.codec.encode(self.adapter.encode(self.x))
+        self.row = cache["rows"][adapter]
+
+    def time_encode(self, cache, adapter):
+        self.codec.encode(self.adapter.encode(self.x))
+
+    def time_decode(self, cache, adapter):
+        self.adapter.decode(self.codec.decode(self.blob))
+
+    def track_resumed_kl(self, cache, adapter):
+        return self.row["kl"]
+    track_resumed_kl.unit = "nats"
+
+    def track_resumed_top1(self, cache, adapter):
+        return self.row["top1"]
+    track_resumed_top1.unit = "agreement"
+
+    def track_bytes_per_state(self, cache, adapter):
+        return self.row["bytes_per_token"]
+    track_bytes_per_state.unit = "bytes"

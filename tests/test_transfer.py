@@ -106,8 +106,16 @@ def test_transfer_stage_writes_the_dataset_the_table_and_the_decision(tiny_trans
     shares = m["dataset"]["route_shares"]
     assert set(shares) == {"train", "valid", "heldout"}
     assert all(abs(sum(v for k, v in s.items() if k != "labelled") - 1) < 1e-6 for s in shares.values() if s["labelled"])
-    codecs = {r["codec"] for r in m["rate_distortion"]}
-    assert codecs == {"f32", "fp16", "q8_0", "tq4"} and {r["layer"] for r in m["rate_distortion"]} == set(m["layers"])
+    raw = {r["codec"] for r in m["rate_distortion"] if not r["adapter"]}
+    assert raw == {"f32", "fp16", "q8_0", "tq4"} and {r["layer"] for r in m["rate_distortion"]} == set(m["layers"])
+    late = m["boundaries"]["late"]
+    adapters = {r["codec"]: r for r in m["rate_distortion"] if r["adapter"]}
+    assert set(adapters) == {f"ta{w}-{mode}/q8_0" for w in (8, 40) for mode in ("hidden", "logit")}
+    assert all(r["layer"] == late for r in adapters.values())
+    # a wider code costs more bytes; each adapter row is compared with the raw codecs at its bytes
+    assert adapters["ta8-hidden/q8_0"]["bytes_per_token"] < adapters["ta40-hidden/q8_0"]["bytes_per_token"]
+    assert {v["adapter"] for v in m["equal_bytes"]} == set(adapters)
+    codecs = raw | set(adapters)
     out = run.path / "transfer"
     for b in m["layers"]:
         path = out / f"dataset_L{b}.npz"
@@ -118,6 +126,8 @@ def test_transfer_stage_writes_the_dataset_the_table_and_the_decision(tiny_trans
         assert m["dataset"]["sha256"][path.name] == io.sha256_file(path)
         assert (out / f"rate_distortion_L{b}.png").exists()
     assert m["decision"]["codec"] in codecs - {"f32"}
+    for name in adapters:                                  # each adapter is saved beside the table
+        assert (out / "adapters" / name.replace("/", "_") / "transfer_adapter.safetensors").exists()
     assert "Decision" in (out / "report.md").read_text()
     assert json.loads((out / "rate_distortion.json").read_text())["rows"] == m["rate_distortion"]
 

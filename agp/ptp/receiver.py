@@ -77,6 +77,7 @@ class Receiver:
     max_sessions: int = 4096
     loopback: bool = False
     hidden_size: int | None = None  # when set, the residual must be [span_len, hidden_size]
+    code_widths: tuple = ()         # other residual widths accepted: a learned transfer adapter's codes
     centers: dict | None = None     # layer -> mean vector, for TurboQuant blobs centered on a per-layer mean
     # a dense (Haar) rotation costs an O(d^3) QR for every new seed a sender names: 0.6-3 s for d=640 on this
     # 2-core host, from a 400-byte packet. It is the reference rotation, not a wire format: off unless asked.
@@ -122,8 +123,10 @@ class Receiver:
             raise MalformedSection(f"residual shape {shape} must be [span_len={idn.span_len}, d]", "payload")
         # a receiver knows its model's width: refusing other widths also keeps a sender from making
         # it build rotations/codebooks for arbitrary sizes
-        if self.hidden_size is not None and shape[1] != self.hidden_size:
-            raise FingerprintMismatch(f"residual width {shape[1]} != this model's hidden size {self.hidden_size}", "payload")
+        if self.hidden_size is not None and shape[1] != self.hidden_size and shape[1] not in self.code_widths:
+            also = f" or a transfer adapter code width in {sorted(self.code_widths)}" if self.code_widths else ""
+            raise FingerprintMismatch(f"residual width {shape[1]} != this model's hidden size {self.hidden_size}{also}",
+                                      "payload")
 
         cid = p.payload.meta.get("center_id")
         if cid is not None and self._center_ids.get(idn.layer) != cid:

@@ -9,13 +9,20 @@ def _f(x, fmt="{:.3f}"):
 
 
 def rate_distortion_plot(rows: list[dict], layer: int, goal: dict, path) -> None:
-    """Resumed KL (log) and top-1 against bytes per token on the wire, one point per codec."""
+    """Resumed KL (log) and top-1 against bytes per token on the wire: one point per raw codec, and
+    the learned transfer adapters as their own curves (one per objective)."""
     from agp.report.plots import plt, save
-    mine = sorted((r for r in rows if r["layer"] == layer and r["codec"] != "f32"), key=lambda r: r["bytes_per_token"])
+    at = sorted((r for r in rows if r["layer"] == layer and r["codec"] != "f32"), key=lambda r: r["bytes_per_token"])
+    mine = [r for r in at if not r.get("adapter")]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     x = [r["bytes_per_token"] for r in mine]
-    ax.plot(x, [max(r["kl"], 1e-6) for r in mine], "o-", color="tab:red", label="resumed KL (nats)")
-    for r in mine:
+    ax.plot(x, [max(r["kl"], 1e-6) for r in mine], "o-", color="tab:red", label="resumed KL, raw codecs (nats)")
+    for mode, style in (("hidden", "D--"), ("logit", "*-")):
+        ours = [r for r in at if (r.get("adapter") or {}).get("mode") == mode]
+        if ours:
+            ax.plot([r["bytes_per_token"] for r in ours], [max(r["kl"], 1e-6) for r in ours], style, color="tab:purple",
+                    ms=8 if mode == "logit" else 5, label=f"resumed KL, adapter ({mode})")
+    for r in at:
         ax.annotate(r["codec"], (r["bytes_per_token"], max(r["kl"], 1e-6)), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
     ax.axhline(goal["kl"], color="tab:red", ls=":", lw=1)
@@ -25,7 +32,11 @@ def rate_distortion_plot(rows: list[dict], layer: int, goal: dict, path) -> None
     ax.set_xlabel("bytes per token on the wire (whole packet, amortised over the span)")
     ax.set_ylabel("KL(full depth || resumed)", color="tab:red")
     ax2 = ax.twinx()
-    ax2.plot(x, [r["top1"] for r in mine], "s--", color="tab:blue", label="resumed top-1")
+    ax2.plot(x, [r["top1"] for r in mine], "s--", color="tab:blue", label="resumed top-1 (raw)")
+    ours = [r for r in at if (r.get("adapter") or {}).get("mode") == "logit"]
+    if ours:
+        ax2.plot([r["bytes_per_token"] for r in ours], [r["top1"] for r in ours], "P:", color="tab:cyan",
+                 label="resumed top-1 (adapter, logit)")
     ax2.plot(x, [r["continuation_agreement"] for r in mine], "^:", color="tab:green", label="continuation agreement")
     ax2.axhline(goal["top1"], color="tab:blue", ls=":", lw=1)
     ax2.set_ylim(0, 1.02)
@@ -61,10 +72,24 @@ def write_report(out, m: dict) -> None:
                   "| codec | KL | top-1 | largest logit difference | continuation |", "|---|---|---|---|---|"]
         lines += [f"| {r['codec']} | {r['kl']:.2e} | {r['top1']:.3f} | {r['max_abs_logit_diff']:.3g} | "
                   f"{r['continuation_agreement']:.3f} |" for r in m["long_span"]]
+    if m.get("equal_bytes"):
+        lines += ["", "Learned transfer adapters against the raw codecs at equal bytes (the lowest-KL raw codec with at "
+                      f"most {1 + d['equal_bytes_tolerance']:.2f}x the adapter's bytes; the smallest raw codec when all "
+                      "are larger):", "",
+                  "| boundary | adapter | bytes/state | KL | top-1 | raw codec | its bytes | its KL | its top-1 | adapter wins |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {v['layer']} | {v['adapter']} | {v['bytes_per_token']:.1f} | {v['kl']:.4f} | {v['top1']:.3f} | "
+                  f"{v['raw']} | {v['raw_bytes_per_token']:.1f} | {v['raw_kl']:.4f} | {v['raw_top1']:.3f} | "
+                  f"{'yes' if v['beats_raw'] else 'no'} |" for v in m["equal_bytes"]]
     e = m["end_to_end"]
+    small = d.get("within_goal_bytes")
     lines += ["", f"**Decision** at boundary {d['layer']}: `{d['codec']}` ({d['why']}); meets the goal "
                   f"(top-1 >= {d['goal']['top1']}, KL <= {d['goal']['kl']}, <= {d['goal']['bytes_per_token']} B/token): "
-                  f"{d['meets_goal']}. Learned transfer adapter: {d['adapter']}.",
+                  f"{d['meets_goal']}. Adapters on the critical path (they beat the raw codecs at equal bytes): "
+                  f"{', '.join(d.get('adapters_on_critical_path') or []) or 'none'}. Within "
+                  f"{d['goal']['bytes_per_token']} B: "
+                  + (f"`{small['codec']}` at {small['bytes_per_token']:.1f} B, KL {small['kl']:.3f}, top-1 {small['top1']:.3f}."
+                     if small else "nothing fits."),
               f"End to end over a socket ({e['frames']} frames): KL {_f(e['kl'], '{:.4f}')}, top-1 {_f(e['top1'])}, "
               f"continuation {_f(e['continuation_agreement'])}; identical to the in-process resume: "
               f"{e['identical_to_in_process']}.", ""]

@@ -84,12 +84,13 @@ def kl_and_top1(t: Teacher, got: mx.array) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(np.asarray(kl), 0.0), np.asarray(same)
 
 
-def resume(bb, layer: int, codec: str, t: Teacher, seed: int = 0, transport=None) -> Resumed:
-    """The prompt's span over the wire at `layer` with `codec`, then len(t.continuation) tokens.
-    `transport(packet) -> bytes` carries each packet (default: handed over in process)."""
+def resume(bb, layer: int, codec: str, t: Teacher, seed: int = 0, transport=None, adapter=None) -> Resumed:
+    """The prompt's span over the wire at `layer` with `codec` (carrying `adapter`'s code when
+    given), then len(t.continuation) tokens. `transport(packet) -> bytes` carries each packet
+    (default: handed over in process)."""
     carry = transport or (lambda data: data)
-    wire, sender = Wire(bb, layer, codec, seed=seed), Sender(bb, layer)
-    resumer = Resumer(bb, layer, receiver_for(bb))
+    wire, sender = Wire(bb, layer, codec, seed=seed, adapter=adapter), Sender(bb, layer)
+    resumer = Resumer(bb, layer, receiver_for(bb, adapter=adapter), adapter=adapter)
     sent = sender.states(t.ids)
     packets = wire.packets(sent, 0)
     logits, got = resumer.accept(*[carry(p) for p, _ in packets], tail=t.tail)

@@ -46,6 +46,11 @@ class WrongBoundary(PTPError):
     reason = "layer"
 
 
+class WrongAdapter(PTPError):
+    """A residual whose width is neither the model's nor the resumer's transfer adapter code width."""
+    reason = "adapter"
+
+
 def backbone_quantization(bb) -> str:
     """The identity section's backbone quantization: mlx-q4/mlx-q8 for mlx-quantized weights,
     q4_k_m for the embedded GGUF conversion, else the float type the weights are stored in."""
@@ -60,15 +65,18 @@ def backbone_quantization(bb) -> str:
 
 @dataclass
 class Wire:
-    """One codec on the wire between a sender and a resumer at boundary `layer`."""
+    """One codec on the wire between a sender and a resumer at boundary `layer`; with a learned
+    transfer `adapter` (agp.transfer.adapter) the codec carries its code instead of the state."""
     bb: object
     layer: int
     codec: str
     session: int = 1
     seed: int = 0
+    adapter: object = None
 
     def __post_init__(self):
-        self._codecs = {spec: make_codec(spec, self.bb.hidden_size, self.seed) for spec in {self.codec, "f32"}}
+        width = self.adapter.width if self.adapter is not None else self.bb.hidden_size
+        self._codecs = {"f32": make_codec("f32"), self.codec: make_codec(self.codec, width, self.seed)}
         self._seq = 0
 
     def packet(self, states: np.ndarray, start: int, exact: bool = False) -> bytes:
@@ -79,7 +87,10 @@ class Wire:
         self._seq += 1
         idn = Identity(self.bb.fingerprint, self.bb.tokenizer_fingerprint, backbone_quantization(self.bb),
                        self.session, start, len(states), self.layer, self._seq, SENDER, RESUMER)
-        blob = self._codecs["f32" if exact else self.codec].encode(np.asarray(states, np.float32))
+        states = np.asarray(states, np.float32)
+        if not exact and self.adapter is not None:
+            states = self.adapter.encode(states)
+        blob = self._codecs["f32" if exact else self.codec].encode(states)
         return encode_packet(Packet(idn, Payload(blob)))
 
     def packets(self, states: np.ndarray, start: int) -> list[tuple[bytes, bool]]:
@@ -91,11 +102,12 @@ class Wire:
                 for a, b in zip(cuts, cuts[1:])]
 
 
-def receiver_for(bb, loopback: bool = False):
-    """The Receiver a resuming host runs for this backbone."""
+def receiver_for(bb, loopback: bool = False, adapter=None):
+    """The Receiver a resuming host runs for this backbone (accepting `adapter`'s codes too)."""
     from agp.ptp.receiver import Receiver
     return Receiver(bb.fingerprint, bb.tokenizer_fingerprint, backbone_quantization(bb), RESUMER,
-                    hidden_size=bb.hidden_size, loopback=loopback)
+                    hidden_size=bb.hidden_size, loopback=loopback,
+                    code_widths=(adapter.width,) if adapter is not None else ())
 
 
 class Sender:
@@ -114,8 +126,8 @@ class Sender:
 class Resumer:
     """Layers [b, L) and the head with the resuming host's own cache, fed only by packets."""
 
-    def __init__(self, bb, layer: int, receiver, cache=None):
-        self.bb, self.layer, self.receiver = bb, int(layer), receiver
+    def __init__(self, bb, layer: int, receiver, cache=None, adapter=None):
+        self.bb, self.layer, self.receiver, self.adapter = bb, int(layer), receiver, adapter
         self.cache, self.next = (bb.make_cache() if cache is None else cache), 0
         self.dtype = bb.model.model.embed_tokens.weight.dtype
         self.out = None        # the final states [1, n, H] (before the norm) of the last accepted spans
@@ -137,7 +149,7 @@ class Resumer:
             if idn.span_start != at:
                 raise SpanGap(f"span starts at position {idn.span_start}, this session continues at {at} "
                               f"({'a gap' if idn.span_start > at else 'a duplicate or out of order'})", "identity")
-            received.append(self.receiver.state(p))
+            received.append(self.state(p))
             at += idn.span_len
         h = np.concatenate(received)
         out = self.bb.run_layers(mx.array(h)[None].astype(self.dtype), self.layer, self.bb.n_layers, self.cache)
@@ -145,3 +157,14 @@ class Resumer:
         mx.eval(out if logits is None else [out, logits])
         self.next, self.out = at, out
         return logits, h
+
+    def state(self, p) -> np.ndarray:
+        """The packet's states [n, H]: the residual itself, or decoded from the transfer adapter's code."""
+        r = self.receiver.state(p)
+        if r.shape[1] == self.bb.hidden_size:
+            return r
+        if self.adapter is None or r.shape[1] != self.adapter.width:
+            have = f"an adapter of width {self.adapter.width}" if self.adapter is not None else "no transfer adapter"
+            raise WrongAdapter(f"residual width {r.shape[1]} is a transfer adapter code, this resumer has {have}",
+                               "payload")
+        return self.adapter.decode(r)
