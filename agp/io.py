@@ -97,6 +97,32 @@ def write_safetensors(path, arrays: dict, metadata: dict | None = None) -> None:
                 os.unlink(named)
 
 
+def read_trained_module(d, weights: str, meta: str, fingerprint: str, what: str, fix: str) -> tuple[dict, dict]:
+    """(description, arrays) of a small trained module saved as `weights` (safetensors) + `meta`
+    (JSON) in `d`; refused with one line naming `what` and `fix` when missing, unreadable, trained
+    for another model (`model_fingerprint`) or holding non-finite values."""
+    import json
+
+    import mlx.core as mx
+
+    from agp.errors import AGPError
+    d = Path(d)
+    if not (d / meta).exists() or not (d / weights).exists():
+        raise AGPError(f"no {what} at {d}; {fix}")
+    try:
+        desc = json.loads((d / meta).read_text())
+        arrays = mx.load(str(d / weights))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise AGPError(f"{what} at {d} is unreadable ({type(e).__name__}); {fix}") from None
+    if desc.get("model_fingerprint") != fingerprint:
+        raise AGPError(f"the {what} at {d} was trained for another model (fingerprint "
+                       f"{str(desc.get('model_fingerprint'))[:12]}, this backbone {fingerprint[:12]}); {fix} for this model")
+    for k, v in arrays.items():
+        if not bool(mx.all(mx.isfinite(v)).item()):
+            raise AGPError(f"{what} at {d} has non-finite values in '{k}'; it is corrupt: {fix}")
+    return desc, arrays
+
+
 MAX_JSON_DEPTH = 64  # nesting a JSONL line may have; deeper is a hostile or broken line
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 

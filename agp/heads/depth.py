@@ -20,7 +20,6 @@ rows the runtime's exit heads use, plus an optional hidden-state cosine term.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,25 +133,10 @@ class DepthModule:
     @classmethod
     def load(cls, d: Path, fingerprint: str, layer: int | None = None) -> tuple["DepthModule", dict]:
         """The module saved in `d`, refused when it was trained for another model or block, or is corrupt."""
-        d = Path(d)
-        if not (d / META).exists() or not (d / FILE).exists():
-            raise AGPError(f"no depth module at {d}; run `agp run --stage depth`")
-        try:
-            meta = json.loads((d / META).read_text())
-            w = mx.load(str(d / FILE))
-        except (OSError, ValueError, RuntimeError) as e:
-            raise AGPError(f"depth module at {d} is unreadable ({type(e).__name__}); rerun `agp run --stage depth`") from None
-        if meta.get("model_fingerprint") != fingerprint:
-            raise AGPError(f"the depth module at {d} was trained for another model (fingerprint "
-                           f"{str(meta.get('model_fingerprint'))[:12]}, this backbone {fingerprint[:12]}); "
-                           f"rerun `agp run --stage depth` for this model")
+        meta, w = io.read_trained_module(d, FILE, META, fingerprint, "depth module", "rerun `agp run --stage depth`")
         if layer is not None and int(meta.get("layer", -1)) != int(layer):
             raise AGPError(f"the depth module at {d} is for block {meta.get('layer')}, but block {layer} was "
                            f"asked for; rerun `agp run --stage depth` with {layer} among --depth-layers")
-        for k, v in w.items():
-            if not bool(mx.all(mx.isfinite(v)).item()):
-                raise AGPError(f"depth module at {d} has non-finite values in '{k}'; it is corrupt: "
-                               f"rerun `agp run --stage depth`")
         mean, std = np.asarray(w.pop("mean")), np.asarray(w.pop("std"))
         params = DepthParams(mean.shape[1], len(meta["sources"]), int(meta["rank"]))
         try:

@@ -26,7 +26,6 @@ it will receive. Attention-sink positions never enter the adapter: they travel e
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,21 +177,8 @@ class TransferAdapter:
     @classmethod
     def load(cls, d: Path, fingerprint: str) -> tuple["TransferAdapter", dict]:
         """The adapter saved in `d`, refused when it was trained for another model or is corrupt."""
-        d = Path(d)
         fix = "rerun `agp run --stage transfer`"
-        if not (d / META).exists() or not (d / FILE).exists():
-            raise AGPError(f"no transfer adapter at {d}; {fix}")
-        try:
-            meta = json.loads((d / META).read_text())
-            w = mx.load(str(d / FILE))
-        except (OSError, ValueError, RuntimeError) as e:
-            raise AGPError(f"transfer adapter at {d} is unreadable ({type(e).__name__}); {fix}") from None
-        if meta.get("model_fingerprint") != fingerprint:
-            raise AGPError(f"the transfer adapter at {d} was trained for another model (fingerprint "
-                           f"{str(meta.get('model_fingerprint'))[:12]}, this backbone {fingerprint[:12]}); {fix}")
-        for k, v in w.items():
-            if not bool(mx.all(mx.isfinite(v)).item()):
-                raise AGPError(f"transfer adapter at {d} has non-finite values in '{k}'; it is corrupt: {fix}")
+        meta, w = io.read_trained_module(d, FILE, META, fingerprint, "transfer adapter", fix)
         mean, std = np.asarray(w.pop("mean")), np.asarray(w.pop("std"))
         params = AdapterParams(mean.shape[-1], int(meta["width"]), int(meta["rank"]))
         try:
