@@ -19,7 +19,23 @@ def _run_dir() -> Path:
     return p
 
 
-class Wire:
+class _Recorded:
+    """The quality figures the run's table row (`self.row`, set in setup) holds for a parameter."""
+
+    def track_resumed_kl(self, cache, param):
+        return self.row["kl"]
+    track_resumed_kl.unit = "nats"
+
+    def track_resumed_top1(self, cache, param):
+        return self.row["top1"]
+    track_resumed_top1.unit = "agreement"
+
+    def track_bytes_per_state(self, cache, param):
+        return self.row["bytes_per_token"]
+    track_bytes_per_state.unit = "bytes"
+
+
+class Wire(_Recorded):
     """One span of held-out states at B (47 positions at CI size), through each codec."""
     params = CODECS
     param_names = ["codec"]
@@ -53,23 +69,12 @@ class Wire:
     def time_decode(self, cache, codec):
         self.codec.decode(self.blob)
 
-    def track_resumed_kl(self, cache, codec):
-        return self.row["kl"]
-    track_resumed_kl.unit = "nats"
-
-    def track_resumed_top1(self, cache, codec):
-        return self.row["top1"]
-    track_resumed_top1.unit = "agreement"
-
-    def track_bytes_per_state(self, cache, codec):
-        return self.row["bytes_per_token"]
-    track_bytes_per_state.unit = "bytes"
 
 
 ADAPTERS = ["ta96-hidden/q8_0", "ta96-logit/q8_0", "ta288-hidden/q8_0", "ta288-logit/q8_0"]   # the CI sweep
 
 
-class Adapter:
+class Adapter(_Recorded):
     """The learned transfer adapters the run saved: encode (code + q8_0) and decode (q8_0 + state)
     time of the same span, and the resumed KL, top-1 and bytes per state their table rows hold."""
     params = ADAPTERS
@@ -101,15 +106,3 @@ class Adapter:
 
     def time_decode(self, cache, adapter):
         self.adapter.decode(self.codec.decode(self.blob))
-
-    def track_resumed_kl(self, cache, adapter):
-        return self.row["kl"]
-    track_resumed_kl.unit = "nats"
-
-    def track_resumed_top1(self, cache, adapter):
-        return self.row["top1"]
-    track_resumed_top1.unit = "agreement"
-
-    def track_bytes_per_state(self, cache, adapter):
-        return self.row["bytes_per_token"]
-    track_bytes_per_state.unit = "bytes"
