@@ -110,10 +110,13 @@ def test_transfer_stage_writes_the_dataset_the_table_and_the_decision(tiny_trans
     assert raw == {"f32", "fp16", "q8_0", "tq4"} and {r["layer"] for r in m["rate_distortion"]} == set(m["layers"])
     late = m["boundaries"]["late"]
     adapters = {r["codec"]: r for r in m["rate_distortion"] if r["adapter"]}
-    assert set(adapters) == {f"ta{w}-{mode}/q8_0" for w in (8, 40) for mode in ("hidden", "logit")}
+    assert set(adapters) == {f"ta{w}-{mode}/{codec}" for w, codec in ((8, "q8_0"), (40, "tq3"))
+                             for mode in ("hidden", "fisher", "logit")}
     assert all(r["layer"] == late for r in adapters.values())
-    # a wider code costs more bytes; each adapter row is compared with the raw codecs at its bytes
-    assert adapters["ta8-hidden/q8_0"]["bytes_per_token"] < adapters["ta40-hidden/q8_0"]["bytes_per_token"]
+    # a code is fewer bytes than the raw state in fp16; each adapter row is compared with the raw codecs at its bytes
+    fp16 = next(r for r in m["rate_distortion"] if r["codec"] == "fp16" and r["layer"] == late)
+    assert all(r["bytes_per_token"] < fp16["bytes_per_token"] for r in adapters.values())
+    assert m["adapters"]["fits"]["ta40-logit/tq3"]["init"] == "fisher"
     assert {v["adapter"] for v in m["equal_bytes"]} == set(adapters)
     codecs = raw | set(adapters)
     out = run.path / "transfer"

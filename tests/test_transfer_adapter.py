@@ -91,3 +91,37 @@ def test_a_width_that_is_no_bottleneck_is_refused(pool):
         TransferAdapter.pca(2, pool, pool.shape[1], 4, "hidden")
     with pytest.raises(AGPError, match="modes"):
         AdapterArgs(modes=["both"]).validate()
+
+
+def test_the_fisher_code_is_pca_in_the_fisher_metric(pool):
+    """With gradients that see every direction equally (F = I) the Fisher code is PCA; with
+    gradients along a few directions it keeps those directions better than PCA does."""
+    from agp.transfer.adapter import TransferAdapter
+    rng = np.random.default_rng(0)
+    a = TransferAdapter.pca(2, pool, 8, 4, "hidden")
+    iso = TransferAdapter.fisher(2, pool, np.eye(pool.shape[1]) / a.std_np, 8, 4, "fisher", alpha=1e-6)
+    assert np.allclose(iso.decode(iso.encode(pool)), a.decode(a.encode(pool)), atol=1e-3)
+    focus = np.zeros((50, pool.shape[1]))
+    focus[:, 60:64] = rng.normal(size=(50, 4))           # the predictions care about raw features 60..63 only
+    f = TransferAdapter.fisher(2, pool, focus, 8, 4, "fisher", alpha=1e-3)
+
+    def err(x):
+        return np.abs(x.decode(x.encode(pool))[:, 60:64] - pool[:, 60:64]).mean()
+    assert err(f) < 0.5 * err(a)
+
+
+def test_a_turboquant_code_travels_and_trains_with_its_rounding(tiny_bb, pool):
+    import mlx.core as mx
+    from agp.transfer.adapter import TransferAdapter
+    from agp.transfer.resume import Resumer, Wire, receiver_for
+    from agp.quant.registry import make_codec
+    a = TransferAdapter.pca(2, pool, 40, 4, "hidden", codec="tq3")
+    sink = np.zeros(len(pool), bool)
+    off = a.wire_offset(pool, sink)
+    codec = make_codec("tq3", 40)
+    c = a.encode(pool)
+    assert np.allclose(np.asarray(off), codec.decode(codec.encode(c)) - c, atol=1e-5)
+    assert np.allclose(np.asarray(a.roundtrip(mx.array(pool), off)), a.decode(codec.decode(codec.encode(c))), atol=1e-4)
+    (packet, _), = Wire(tiny_bb, 2, "tq3", adapter=a).packets(pool[:10], 0)
+    _, got = Resumer(tiny_bb, 2, receiver_for(tiny_bb, adapter=a), adapter=a).accept(packet)
+    assert np.allclose(got, a.decode(codec.decode(codec.encode(c[:10]))), atol=1e-4)

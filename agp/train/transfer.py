@@ -8,9 +8,10 @@ Steps (each a small function returning a small dataclass):
   inputs           backbone, prompts per split (the transfer lane, else the routing lane), boundaries, labels
   collect          the transfer dataset: states at every boundary for every position, the teacher's
                    top-k logits + logsumexp, the held-out prompts' greedy continuations
-  fit_adapters     the learned transfer adapters (agp.transfer.adapter): per boundary and bottleneck width,
-                   PCA of a pool of training states, then the hidden loss, then (logit-aware) KL through
-                   the frozen layers [b, L) and the head on the dataset's training spans
+  fit_adapters     the learned transfer adapters (agp.transfer.adapter): per boundary and code (width and wire
+                   codec), PCA of a pool of training states then the hidden loss; the Fisher-metric code
+                   (gradients of the resumed predictions on the dataset's training spans); and KL through the
+                   frozen layers [b, L) and the head on those spans, continuing from the Fisher code
   rate_distortion  held-out: every codec and every adapter through AGP-PTP packets into a resumer with its
                    own KV (agp.transfer.measure): KL, top-1, continuation, bytes on the wire, per route class
   equal_bytes      each adapter against the raw codecs at its bytes: it stays only where it wins
@@ -233,39 +234,64 @@ def load_fitted(run, bb) -> Fitted:
 
 
 def fit_adapters(inp: Inputs, cfg: TransferArgs, data: Dataset) -> Fitted:
-    """Per adapter boundary and width: PCA of the pool, the hidden loss, and (logit mode) KL through
-    layers [b, L) on the dataset's training spans, continuing from the hidden fit of the same width."""
-    import copy
-    from agp.transfer.adapter import TransferAdapter, fit_hidden, fit_logit
+    """Per adapter boundary and code (width, wire codec): PCA of the pool then the hidden loss; the
+    Fisher-metric code (the pool's states, gradients from the dataset's training spans); and the
+    logit-aware fit continuing from the Fisher code (from the hidden fit without training spans)."""
+    from agp.transfer.adapter import code_spec, fisher_rows
     a_cfg = cfg.adapter
     layers = sorted({int(x) for x in (a_cfg.layers or [inp.late])})
     # a width that is no bottleneck for this model (a small test model) is left out and recorded
-    widths = [int(w) for w in a_cfg.widths if int(w) < inp.bb.hidden_size]
-    skipped = sorted(set(int(w) for w in a_cfg.widths) - set(widths))
-    if not widths or not layers:
+    codes = [code_spec(w, a_cfg.codec) for w in a_cfg.widths]
+    skipped = sorted({w for w, _ in codes if w >= inp.bb.hidden_size})
+    codes = [(w, c) for w, c in codes if w < inp.bb.hidden_size]
+    if not codes or not layers:
         return Fitted({}, {}, {}, skipped)
     pool = pool_states(inp, layers, cfg.max_tokens)
     adapters, fits = {}, {}
-    steps = len(layers) * len(widths) * (a_cfg.steps + a_cfg.logit_steps * ("logit" in a_cfg.modes))
+    modes = set(a_cfg.modes)
+    spans = {b: train_spans(data.arrays[b], "train") if b in data.arrays else [] for b in layers}
+    steps = len(layers) * len(codes) * (a_cfg.steps + a_cfg.logit_steps * ("logit" in modes)) \
+        + sum(len(v) for v in spans.values()) * bool(modes & {"fisher", "logit"})
     bar = tqdm(total=steps, desc="transfer: fit adapters", unit="step")
     for b in layers:
-        spans = train_spans(data.arrays[b], "train") if b in data.arrays else []
         valid = train_spans(data.arrays[b], "valid") if b in data.arrays else []
-        for width in widths:
-            t0 = time.perf_counter()
-            a = TransferAdapter.pca(b, pool[b], int(width), a_cfg.rank, "hidden", a_cfg.codec, a_cfg.seed)
-            hidden = fit_hidden(a, pool[b], a_cfg, bar)
-            if "hidden" in a_cfg.modes:
-                adapters[a.name], fits[a.name] = a, {"hidden": hidden, "seconds": time.perf_counter() - t0}
-            if "logit" in a_cfg.modes and spans:
-                t1 = time.perf_counter()
-                la = copy.copy(a)
-                la.params, la.mode = copy.deepcopy(a.params), "logit"
-                logit = fit_logit(inp.bb, la, spans, a_cfg, bar, valid)
-                adapters[la.name] = la
-                fits[la.name] = {"hidden": hidden, "logit": logit, "seconds": time.perf_counter() - t1}
+        grads = fisher_rows(inp.bb, b, spans[b], a_cfg.fisher_samples, a_cfg.seed, bar) \
+            if spans[b] and modes & {"fisher", "logit"} else None
+        for width, codec in codes:
+            for a, fit in fit_code(inp.bb, b, pool[b], grads, width, codec, spans[b], valid, a_cfg, bar):
+                adapters[a.name], fits[a.name] = a, fit
     bar.close()
     return Fitted(adapters, fits, {b: len(v) for b, v in pool.items()}, skipped)
+
+
+def fit_code(bb, b: int, pool: np.ndarray, grads, width: int, codec: str, spans: list, valid: list, a_cfg,
+             bar) -> list:
+    """The (adapter, fit record) of each requested mode for one code at boundary b."""
+    import copy
+    from agp.transfer.adapter import TransferAdapter, fit_hidden, fit_logit
+    modes, out = set(a_cfg.modes), []
+    start = None
+    if "hidden" in modes or ("logit" in modes and grads is None):
+        t0 = time.perf_counter()
+        a = TransferAdapter.pca(b, pool, width, a_cfg.rank, "hidden", codec, a_cfg.seed)
+        record = {"init": "pca", "hidden": fit_hidden(a, pool, a_cfg, bar), "seconds": time.perf_counter() - t0}
+        start = (a, record)
+        if "hidden" in modes:
+            out.append(start)
+    if grads is not None:
+        t0 = time.perf_counter()
+        a = TransferAdapter.fisher(b, pool, grads, width, a_cfg.rank, "fisher", a_cfg.fisher_alpha, codec, a_cfg.seed)
+        start = (a, {"init": "fisher", "fisher_rows": len(grads), "alpha": a_cfg.fisher_alpha,
+                     "seconds": time.perf_counter() - t0})
+        if "fisher" in modes:
+            out.append(start)
+    if "logit" in modes and spans and start is not None:
+        t0 = time.perf_counter()
+        la = copy.copy(start[0])
+        la.params, la.mode = copy.deepcopy(start[0].params), "logit"
+        out.append((la, {**start[1], "logit": fit_logit(bb, la, spans, a_cfg, bar, valid),
+                         "seconds": time.perf_counter() - t0}))
+    return out
 
 
 def pool_states(inp: Inputs, layers: list, max_tokens: int) -> dict:

@@ -12,17 +12,28 @@ to a continuation-ready state before its layers run:
     x' = c D + d + gelu(c R) U                     a linear decoder plus a small residual map
     h' = x' * std + mean
 
-At initialisation E, D are the top-w principal directions of the standardised training states
-and U = 0, so step 0 is plain PCA of the state (the best linear code for the hidden loss).
-Training then takes one of two objectives (`fit_hidden`, `fit_logit`):
-  hidden   MSE of the standardised state + (1 - cosine) of the raw state;
-  logit    the hidden loss plus KL(full depth || resumed) of the logits after the decoded span
-           runs through the frozen layers [b, L) and the head (the teacher's top-k with its
-           logsumexp: exact up to the teacher's mass outside its top k).
-Both see the wire codec's rounding of the code through a straight-through estimator (q8_0:
-rounding of 32-value blocks to 8 bits on their absolute maximum), so the decoder learns the code
-it will receive. Attention-sink positions never enter the adapter: they travel exactly
-(agp.transfer.resume.SINK_LIMIT).
+Three modes (`MODES`), each a row of the rate-distortion table:
+  hidden   step 0 is PCA of the standardised states (E, D the top-w principal directions, U = 0:
+           the best linear code for the hidden loss), then `fit_hidden`: MSE of the standardised
+           state + (1 - cosine) of the raw state.
+  fisher   closed form, no steps (`TransferAdapter.fisher`): the best linear code in the metric
+           F + alpha I, where F is the Fisher information of the resumed predictions with respect
+           to the state, estimated from gradients of sum_i log p(y_i) with y_i drawn from the
+           model's own next-token distributions (`fisher_rows`; every later position counts,
+           through the KV). PCA spends the code on the directions with the most variance; this
+           spends it on the directions the layers [b, L) and the head are sensitive to. With F = 0
+           it is PCA.
+  logit    from the fisher solution (from the hidden fit when there is no fisher pass), then
+           `fit_logit`: the hidden loss plus KL(full depth || resumed) of the logits after the
+           decoded span runs through the frozen layers [b, L) and the head (the teacher's top-k
+           with its logsumexp and one bucket for the tail); the best validation step is kept.
+The code crosses the wire with any raw codec: q8_0 (8 bits a value) or TurboQuant at fewer bits,
+where a wider code fits the same bytes (measured: 256 values at 3 bits beat 96 at 8 bits at ~100
+B). Training sees the wire's rounding through a straight-through estimator: q8_0 in MLX (rounding
+of 32-value blocks to 8 bits on their absolute maximum); other codecs as a constant offset
+computed with the codec itself before each logit step (`wire_offset`; the hidden fit of such a
+code trains without the rounding). Attention-sink positions never enter the adapter: they
+travel exactly (agp.transfer.resume.SINK_LIMIT).
 """
 from __future__ import annotations
 
@@ -39,17 +50,32 @@ from agp.config import ConfigMixin
 from agp.errors import AGPError
 
 FILE, META = "transfer_adapter.safetensors", "transfer_adapter.json"
-MODES = ("hidden", "logit")
+MODES = ("hidden", "fisher", "logit")
+
+
+def code_spec(entry, codec: str) -> tuple[int, str]:
+    """(width, wire codec) of a `widths` entry: a width (sent with `codec`) or "<width>/<codec>"."""
+    text = str(entry)
+    width, _, own = text.partition("/")
+    try:
+        return int(width), (own or codec)
+    except ValueError:
+        raise AGPError(f"--transfer-adapter-widths takes widths or <width>/<codec> (e.g. 96,256/tq3), got {text!r}") from None
 
 
 @dataclass
 class AdapterArgs(ConfigMixin):
-    # CI size: two widths at the late boundary; configs/real-size.yaml sweeps more widths and boundaries.
-    # bottleneck widths; q8_0 sends blocks of 32 values (34 B each), so widths are best multiples of 32:
-    # 96 (3 blocks, ~104 B) fits the 128 B goal, 288 (~308 B) sits just under tq4's bytes
-    widths: list = field(default_factory=lambda: [96, 288])
-    modes: list = field(default_factory=lambda: list(MODES))  # objectives trained per width (hidden, logit)
-    codec: str = "q8_0"             # raw codec of the code on the wire
+    # CI size: two codes of ~100 B at the late boundary; configs/real-size.yaml sweeps more and every boundary.
+    # bottleneck widths, each "<width>" (sent with `codec`) or "<width>/<codec>": q8_0 sends blocks of 32
+    # values (34 B each), so 96 (~104 B) fits the 128 B goal; TurboQuant at 3 bits sends 256 values in
+    # the same bytes (a power of two: other widths are padded to one before the rotation)
+    widths: list = field(default_factory=lambda: [96, "256/tq3"])
+    modes: list = field(default_factory=lambda: list(MODES))  # rows per width (hidden, fisher, logit)
+    codec: str = "q8_0"             # raw codec of a width given without one
+    fisher_samples: int = 2         # tokens drawn per position of each training span for the Fisher metric
+    fisher_alpha: float = 1.0       # identity added to the Fisher metric (its mean eigenvalue is 1): at
+                                    # width 256/tq3 on 8 held-out spans, 1.0 and 0.1 gave KL 0.236 / 0.260
+                                    # from ~600 gradient rows, 0.221 / 0.221 from ~1200; PCA 0.272
     layers: list | None = None      # boundaries that get adapters; None: the late boundary B only
     rank: int = 64                  # width of the decoder's residual map
     steps: int = 200                # hidden-loss steps (minibatches of positions)
@@ -67,9 +93,13 @@ class AdapterArgs(ConfigMixin):
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise AGPError(f"--transfer-adapter-modes takes {', '.join(MODES)}, got {self.modes}")
-        if any(int(w) < 1 for w in self.widths):
+        if any(code_spec(w, self.codec)[0] < 1 for w in self.widths):
             raise AGPError(f"--transfer-adapter-widths must be positive, got {self.widths}")
-        for name in ("steps", "batch", "logit_positions", "rank"):
+        for entry in self.widths:
+            code_spec(entry, self.codec)
+        if self.fisher_alpha <= 0:
+            raise AGPError(f"--transfer-adapter-fisher-alpha must be positive, got {self.fisher_alpha}")
+        for name in ("steps", "batch", "logit_positions", "rank", "fisher_samples"):
             if getattr(self, name) < 1:
                 raise AGPError(f"--transfer-adapter-{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.logit_steps < 0:
@@ -121,16 +151,31 @@ class TransferAdapter:
     def pca(cls, layer: int, states: np.ndarray, width: int, rank: int, mode: str, codec: str = "q8_0",
             seed: int = 0) -> "TransferAdapter":
         """Step 0: standardisation from `states` [N, H] and the top-`width` principal directions."""
-        mean = states.mean(0)
-        std = states.std(0) + 1e-3
-        x = (states - mean) / std
-        _, _, vt = np.linalg.svd(x.astype(np.float64), full_matrices=False)
-        basis = vt[:width].astype(np.float32)                       # [w, H]
-        if len(basis) < width:
-            raise AGPError(f"a width-{width} transfer adapter needs at least {width} training states, got {len(states)}; "
-                           f"raise --transfer-prompts or lower --transfer-adapter-widths")
-        a = cls(layer, mean, std, width, rank, mode, codec, seed=seed)
-        a.params.enc, a.params.dec = mx.array(basis.T), mx.array(basis)
+        mean, std = states.mean(0), states.std(0) + 1e-3
+        basis = _top_directions((states - mean) / std, width)             # [H, w]
+        return cls._linear(layer, mean, std, basis, basis.T, rank, mode, codec, seed)
+
+    @classmethod
+    def fisher(cls, layer: int, states: np.ndarray, grads: np.ndarray, width: int, rank: int, mode: str,
+               alpha: float = 1.0, codec: str = "q8_0", seed: int = 0) -> "TransferAdapter":
+        """The linear code minimising E (x - x')^T (F + alpha I) (x - x') over standardised states x
+        (from `states` [N, H]), with F the Fisher metric from `grads` [M, H] (gradients with
+        respect to the raw states, `fisher_rows`) scaled to mean eigenvalue 1: PCA of M x with
+        M = (F + alpha I)^(1/2), encoder M U, decoder U^T M^-1."""
+        mean, std = states.mean(0), states.std(0) + 1e-3
+        g = grads.astype(np.float64) * std                                 # gradient w.r.t. x
+        f = g.T @ g / max(len(g), 1)
+        f = f / max(np.trace(f) / len(f), 1e-30)
+        lam, q = np.linalg.eigh(f)
+        lam = np.maximum(lam, 0.0) + alpha
+        root, inv_root = (q * np.sqrt(lam)) @ q.T, (q / np.sqrt(lam)) @ q.T
+        u = _top_directions(((states - mean) / std) @ root, width)
+        return cls._linear(layer, mean, std, root @ u, u.T @ inv_root, rank, mode, codec, seed)
+
+    @classmethod
+    def _linear(cls, layer, mean, std, enc, dec, rank, mode, codec, seed) -> "TransferAdapter":
+        a = cls(layer, mean, std, enc.shape[1], rank, mode, codec, seed=seed)
+        a.params.enc, a.params.dec = mx.array(enc.astype(np.float32)), mx.array(dec.astype(np.float32))
         return a
 
     # --- the maps ---------------------------------------------------------------------------
@@ -142,10 +187,23 @@ class TransferAdapter:
         x = c @ p.dec + p.dec_b + nn.gelu(c @ p.down) @ p.up
         return x * self.std + self.mean
 
-    def roundtrip(self, h: mx.array) -> mx.array:
-        """What the resuming host gets for `h` [N, H], with the wire codec's rounding (training)."""
+    def roundtrip(self, h: mx.array, offset: mx.array | None = None) -> mx.array:
+        """What the resuming host gets for `h` [N, H], with the wire codec's rounding (training):
+        q8_0's in MLX, another codec's as the constant `offset` (`wire_offset`), else none."""
         c = self.code(h)
-        return self.state(q8_0_straight_through(c) if self.codec == "q8_0" else c)
+        if self.codec == "q8_0":
+            c = q8_0_straight_through(c)
+        elif offset is not None:
+            c = c + mx.stop_gradient(offset)
+        return self.state(c)
+
+    def wire_offset(self, states: np.ndarray, sink: np.ndarray) -> mx.array:
+        """The wire codec's rounding (decoded - sent) of these states' codes at the current
+        parameters; zero on the attention sinks, which travel exactly."""
+        from agp.quant.registry import make_codec
+        c = self.encode(np.where(sink[:, None], self.mean_np, states))
+        codec = make_codec(self.codec, self.width)
+        return mx.array(np.where(sink[:, None], 0.0, np.asarray(codec.decode(codec.encode(c))) - c).astype(np.float32))
 
     def encode(self, states: np.ndarray) -> np.ndarray:
         c = self.code(mx.array(states))
@@ -189,7 +247,39 @@ class TransferAdapter:
                    meta["codec"], params), meta
 
 
+def _top_directions(x: np.ndarray, width: int) -> np.ndarray:
+    """The top-`width` right singular vectors of x [N, H] as columns [H, w]."""
+    _, _, vt = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    if len(vt) < width:
+        raise AGPError(f"a width-{width} transfer adapter needs at least {width} training states, got {len(x)}; "
+                       f"raise --transfer-pool-prompts or lower --transfer-adapter-widths")
+    return vt[:width].T
+
+
 # --- training ---------------------------------------------------------------------------------
+def fisher_rows(bb, layer: int, spans: list, samples: int, seed: int = 0, progress=None) -> np.ndarray:
+    """Per non-sink position of each span, `samples` gradients with respect to the states at b of
+    sum_i log p(y_i | resumed), y_i drawn from the model's own next-token distribution after the
+    span runs layers [b, L) and the head. Their second moment is the Fisher information of the
+    resumed predictions (`TransferAdapter.fisher`); a position's row includes its effect on every
+    later position through the KV."""
+    def logp(h, y):
+        z = bb.head(bb.run_layers(h[None], layer, bb.n_layers))[0].astype(mx.float32)
+        return mx.take_along_axis(z - mx.logsumexp(z, axis=-1, keepdims=True), y[:, None], axis=-1).sum()
+
+    grad, rows = mx.grad(logp), []
+    for i, s in enumerate(spans):
+        h = mx.array(s.states)
+        z = bb.head(bb.run_layers(h[None], layer, bb.n_layers))[0].astype(mx.float32)
+        for k in range(samples):
+            g = grad(h, mx.random.categorical(z, key=mx.random.key(seed * 1_000_003 + i * samples + k)))
+            mx.eval(g)
+            rows.append(np.asarray(g)[~s.sink])
+        if progress is not None:
+            progress.update(1)
+    return np.concatenate(rows) if rows else np.zeros((0, bb.hidden_size), np.float32)
+
+
 def hidden_loss(a: TransferAdapter, h: mx.array) -> mx.array:
     got = a.roundtrip(h)
     mse = (((got - h) / a.std) ** 2).mean()
@@ -219,12 +309,13 @@ class Span:
     lse: np.ndarray
 
 
-def span_kl(bb, a: TransferAdapter, s: Span, rows: mx.array) -> mx.array:
+def span_kl(bb, a: TransferAdapter, s: Span, rows: mx.array, offset: mx.array | None = None) -> mx.array:
     """Mean KL(teacher || resumed) at positions `rows` after the decoded span runs layers [b, L), on
-    the teacher's top k and one bucket for the rest of the vocabulary (a lower bound of the exact KL)."""
+    the teacher's top k and one bucket for the rest of the vocabulary (a lower bound of the exact KL).
+    `offset`: the wire's rounding of a codec without an MLX form (`TransferAdapter.wire_offset`)."""
     h = mx.array(s.states)
     sink = mx.array(s.sink)[:, None]
-    got = mx.where(sink, h, a.roundtrip(h))                    # sinks travel exactly
+    got = mx.where(sink, h, a.roundtrip(h, offset))            # sinks travel exactly
     out = bb.run_layers(got[None], a.layer, bb.n_layers)[0]
     z = bb.head(out[rows][None])[0].astype(mx.float32)
     logq = z - mx.logsumexp(z, axis=-1, keepdims=True)
@@ -240,9 +331,13 @@ def span_kl(bb, a: TransferAdapter, s: Span, rows: mx.array) -> mx.array:
     return ((p * (logp - q)).sum(-1) + p_tail * (mx.log(p_tail) - mx.log(q_tail))).mean()
 
 
+def span_offset(a: TransferAdapter, s: Span) -> mx.array | None:
+    return None if a.codec == "q8_0" else a.wire_offset(s.states, s.sink)
+
+
 def valid_kl(bb, a: TransferAdapter, spans: list[Span]) -> float:
     """Mean KL over every position of the validation spans."""
-    vals = [span_kl(bb, a, s, mx.arange(len(s.states))) for s in spans]
+    vals = [span_kl(bb, a, s, mx.arange(len(s.states)), span_offset(a, s)) for s in spans]
     mx.eval(vals)
     return float(np.mean([v.item() for v in vals]))
 
@@ -259,8 +354,8 @@ def fit_logit(bb, a: TransferAdapter, spans: list[Span], args: AdapterArgs, prog
     rng = np.random.default_rng(args.seed + 1)
     hist, best = [], None
 
-    def loss(s, rows, plain):
-        kl = span_kl(bb, a, s, rows)
+    def loss(s, rows, plain, offset):
+        kl = span_kl(bb, a, s, rows, offset)
         return kl + args.hidden_weight * hidden_loss(a, plain), kl
 
     def checkpoint(i):
@@ -276,7 +371,7 @@ def fit_logit(bb, a: TransferAdapter, spans: list[Span], args: AdapterArgs, prog
     for i in range(1, args.logit_steps + 1):
         s = spans[rng.integers(len(spans))]
         pick = rng.choice(len(s.states), size=min(args.logit_positions, len(s.states)), replace=False)
-        (total, kl), grads = step(s, mx.array(np.sort(pick)), mx.array(s.states[~s.sink]))
+        (total, kl), grads = step(s, mx.array(np.sort(pick)), mx.array(s.states[~s.sink]), span_offset(a, s))
         opt.update(a.params, grads)
         mx.eval(a.params.parameters(), opt.state, total, kl)
         if not np.isfinite(total.item()):
