@@ -71,11 +71,13 @@ class Wire(_Recorded):
 
 
 
-ADAPTERS = ["ta96-hidden/q8_0", "ta96-logit/q8_0", "ta288-hidden/q8_0", "ta288-logit/q8_0"]   # the CI sweep
+# the CI sweep (agp.transfer.adapter.AdapterArgs defaults)
+ADAPTERS = [f"ta{code}" for code in ("96-hidden/q8_0", "96-fisher/q8_0", "256-hidden/tq3", "256-fisher/tq3",
+                                      "288-hidden/q8_0", "288-fisher/q8_0")]
 
 
 class Adapter(_Recorded):
-    """The learned transfer adapters the run saved: encode (code + q8_0) and decode (q8_0 + state)
+    """The learned transfer adapters the run saved: encode (code + its wire codec) and decode (codec + state)
     time of the same span, and the resumed KL, top-1 and bytes per state their table rows hold."""
     params = ADAPTERS
     param_names = ["adapter"]

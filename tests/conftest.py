@@ -40,7 +40,7 @@ TINY_STAGE_FLAGS = {
     "transfer": ["--transfer-prompts", "3", "--transfer-heldout-prompts", "2", "--transfer-max-tokens", "24",
                  "--transfer-continuation", "3", "--transfer-codecs", "f32,fp16,q8_0,tq4",
                  "--transfer-long-prompt-tokens", "60", "--transfer-pool-prompts", "6",
-                 "--transfer-adapter-widths", "8,40/tq3", "--transfer-adapter-steps", "10",
+                 "--transfer-adapter-widths", "8,40/tq3", "--transfer-adapter-modes", "hidden,fisher,logit", "--transfer-adapter-steps", "10",
                  "--transfer-adapter-logit-steps", "3", "--transfer-adapter-logit-positions", "4"],
     "serve": ["--serve-prompts", "1", "--serve-new-tokens", "6", "--serve-long-prompt-tokens", "40",
               "--serve-rtts-ms", "0,2", "--serve-clients", "3", "--serve-requests", "12", "--serve-short-sessions", "20",

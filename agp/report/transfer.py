@@ -17,10 +17,11 @@ def rate_distortion_plot(rows: list[dict], layer: int, goal: dict, path) -> None
     fig, ax = plt.subplots(figsize=(7, 3.6))
     x = [r["bytes_per_token"] for r in mine]
     ax.plot(x, [max(r["kl"], 1e-6) for r in mine], "o-", color="tab:red", label="resumed KL, raw codecs (nats)")
-    for mode, style in (("hidden", "D--"), ("logit", "*-")):
+    for mode, style, colour in (("hidden", "D--", "tab:purple"), ("fisher", "v-.", "tab:orange"),
+                                ("logit", "*-", "tab:purple")):
         ours = [r for r in at if (r.get("adapter") or {}).get("mode") == mode]
         if ours:
-            ax.plot([r["bytes_per_token"] for r in ours], [max(r["kl"], 1e-6) for r in ours], style, color="tab:purple",
+            ax.plot([r["bytes_per_token"] for r in ours], [max(r["kl"], 1e-6) for r in ours], style, color=colour,
                     ms=8 if mode == "logit" else 5, label=f"resumed KL, adapter ({mode})")
     for r in at:
         ax.annotate(r["codec"], (r["bytes_per_token"], max(r["kl"], 1e-6)), fontsize=7, xytext=(3, 3),

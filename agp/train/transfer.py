@@ -478,7 +478,7 @@ def end_to_end(inp: Inputs, cfg: TransferArgs, choice: Choice, table: Table, fit
 def long_resume(inp: Inputs, cfg: TransferArgs, choice: Choice, fitted: Fitted) -> list[dict]:
     """One span past the 512-token window resumed at B with f32 (must stay bit for bit: the sliding
     window layers' caches on the resuming host), q8_0 and the chosen codec (whose error compounds
-    through every earlier position's KV), and the smallest adapter at B. Logits are compared after
+    through every earlier position's KV), and the adapter a link of the goal's bytes would carry. Logits are compared after
     the last max_tokens positions."""
     if not cfg.long_prompt_tokens:
         return []
@@ -487,8 +487,8 @@ def long_resume(inp: Inputs, cfg: TransferArgs, choice: Choice, fitted: Fitted) 
     ids = long_prompt(inp.bb, inp.long_rows, cfg.long_prompt_tokens)
     t = teacher(inp.bb, ids, [choice.layer], cfg.continuation, tail=cfg.max_tokens)
     rows = []
-    at_b = sorted((a for a in fitted.adapters.values() if a.layer == choice.layer), key=lambda a: (a.width, a.mode))
-    for name in dict.fromkeys(["f32", "q8_0", choice.codec] + [a.name for a in at_b if a.mode == "logit"][:1]):
+    narrow = (choice.within_goal_bytes or {}).get("codec")
+    for name in dict.fromkeys(["f32", "q8_0", choice.codec] + ([narrow] if narrow in fitted.adapters else [])):
         codec, adapter = fitted.wire(name)
         r = resume(inp.bb, choice.layer, codec, t, cfg.seed, adapter=adapter)
         rows.append({"layer": choice.layer, "codec": name, "tokens": len(ids), "scored_positions": t.tail,
