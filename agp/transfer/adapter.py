@@ -70,10 +70,10 @@ class AdapterArgs(ConfigMixin):
     # "<width>/<codec>": q8_0 sends blocks of 32 values (34 B each), so 96 (~104 B) fits the 128 B goal and
     # 288 (~308 B) sits just under tq4; TurboQuant at 3 bits sends 256 values in ~100 B (a power of two:
     # other widths are padded to one before the rotation)
-    widths: list = field(default_factory=lambda: [96, "256/tq3", 288])
+    widths: list = field(default_factory=lambda: [96, "256/tq3", 288])  # codes: <width> (sent with --transfer-adapter-codec) or <width>/<codec>
     # rows per code. CI leaves out `logit`: on the CI reference run its validation KL never went below the
     # Fisher code it starts from (step 0 kept at both ~100 B codes), for ~25 s per code
-    modes: list = field(default_factory=lambda: ["hidden", "fisher"])
+    modes: list = field(default_factory=lambda: ["hidden", "fisher"])  # rows per code: hidden, fisher, logit
     codec: str = "q8_0"             # raw codec of a width given without one
     fisher_samples: int = 2         # tokens drawn per position of each training span for the Fisher metric
     fisher_alpha: float = 1.0       # identity added to the Fisher metric (its mean eigenvalue is 1): at
