@@ -72,9 +72,11 @@ class TransferArgs(ConfigMixin):
             if getattr(self, name) < 1:
                 raise AGPError(f"--transfer-{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         from agp.quant.registry import make_codec
-        for c in [*self.codecs, self.adapter.codec]:
-            make_codec(c, 64)                  # an unknown codec fails before any model work
         self.adapter.validate()
+        from agp.transfer.adapter import code_spec
+        codes = [code_spec(w, self.adapter.codec)[1] for w in self.adapter.widths]
+        for c in [*self.codecs, self.adapter.codec, *codes]:
+            make_codec(c, 64)                  # an unknown codec fails before any model work
 
 
 def run(run, args) -> dict:

@@ -96,10 +96,8 @@ class AdapterArgs(ConfigMixin):
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise AGPError(f"--transfer-adapter-modes takes {', '.join(MODES)}, got {self.modes}")
-        if any(code_spec(w, self.codec)[0] < 1 for w in self.widths):
+        if any(code_spec(w, self.codec)[0] < 1 for w in self.widths):   # also refuses a malformed entry
             raise AGPError(f"--transfer-adapter-widths must be positive, got {self.widths}")
-        for entry in self.widths:
-            code_spec(entry, self.codec)
         if self.fisher_alpha <= 0:
             raise AGPError(f"--transfer-adapter-fisher-alpha must be positive, got {self.fisher_alpha}")
         for name in ("steps", "batch", "logit_positions", "rank", "fisher_samples"):
@@ -266,14 +264,17 @@ def fisher_rows(bb, layer: int, spans: list, samples: int, seed: int = 0, progre
     span runs layers [b, L) and the head. Their second moment is the Fisher information of the
     resumed predictions (`TransferAdapter.fisher`); a position's row includes its effect on every
     later position through the KV."""
+    def logits(h):
+        return bb.head(bb.run_layers(h[None], layer, bb.n_layers))[0].astype(mx.float32)
+
     def logp(h, y):
-        z = bb.head(bb.run_layers(h[None], layer, bb.n_layers))[0].astype(mx.float32)
+        z = logits(h)
         return mx.take_along_axis(z - mx.logsumexp(z, axis=-1, keepdims=True), y[:, None], axis=-1).sum()
 
     grad, rows = mx.grad(logp), []
     for i, s in enumerate(spans):
         h = mx.array(s.states)
-        z = bb.head(bb.run_layers(h[None], layer, bb.n_layers))[0].astype(mx.float32)
+        z = logits(h)
         for k in range(samples):
             g = grad(h, mx.random.categorical(z, key=mx.random.key(seed * 1_000_003 + i * samples + k)))
             mx.eval(g)
